@@ -1,0 +1,1 @@
+"""Callbacks: kernel tracing, throughput and memory."""

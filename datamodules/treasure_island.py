@@ -1,0 +1,297 @@
+"""The Treasure Island DataModule: Project Gutenberg eBook #120, split by chapter, tokenized and packed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.gutenberg import (
+    BOOK_PATH_ENV,
+    TREASURE_ISLAND_URL,
+    BookUnavailableError,
+    Chapter,
+    download_book,
+    read_utf8_text,
+    split_into_chapters,
+    strip_gutenberg_boilerplate,
+)
+from datamodules.packing import make_eval_windows, pack_into_blocks, scored_bytes
+from datamodules.tokenizers import MISTRAL_V1_TOKENIZER, TextTokenizer, load_tokenizer
+from smarter.errors import ConfigError
+
+CACHE_DIR_ENV = "SMARTER_CACHE_DIR"
+DEFAULT_CACHE_DIR = "~/.cache/scaling-smarter"
+SPLITS = ("train", "val", "test")
+
+
+def default_cache_dir() -> Path:
+    """Cache folder: ``$SMARTER_CACHE_DIR`` or ``~/.cache/scaling-smarter``."""
+    return Path(os.environ.get(CACHE_DIR_ENV, DEFAULT_CACHE_DIR)).expanduser()
+
+
+class TensorRowsDataset(Dataset):
+    """Rows of equally long tensors, served as dicts."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        lengths = {len(t) for t in tensors.values()}
+        if len(lengths) != 1:
+            raise ConfigError(f"All tensors need the same number of rows, got {lengths}.")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {key: value[index] for key, value in self.tensors.items()}
+
+
+@dataclass(frozen=True)
+class BookSplits:
+    """The book's chapters assigned to train / val / test, and the text of each split."""
+
+    chapters: dict[str, list[Chapter]]
+
+    def text(self, split: str) -> str:
+        return "\n\n".join(chapter.text for chapter in self.chapters[split])
+
+
+def assign_chapters(chapters: list[Chapter], val_chapters: list[int], test_chapters: list[int]) -> BookSplits:
+    """Put held-out chapters in val/test and every other chapter in train."""
+    numbers = {c.number for c in chapters}
+    for name, chosen in (("val_chapters", val_chapters), ("test_chapters", test_chapters)):
+        missing = sorted(set(chosen) - numbers)
+        if missing:
+            raise ConfigError(
+                f"data.{name} names chapters {missing}, but the book has chapters "
+                f"1..{max(numbers)}; pick numbers in that range."
+            )
+    held_out = set(val_chapters) | set(test_chapters)
+    return BookSplits(
+        chapters={
+            "train": [c for c in chapters if c.number not in held_out],
+            "val": [c for c in chapters if c.number in set(val_chapters)],
+            "test": [c for c in chapters if c.number in set(test_chapters)],
+        }
+    )
+
+
+class TreasureIslandDataModule(L.LightningDataModule):
+    """Treasure Island (Project Gutenberg #120), split by chapter into train / val / test.
+
+    Training text is packed into fixed-length blocks (no padding waste). Validation and test
+    text is scored with sliding windows in which each token is scored exactly once.
+
+    Args:
+        book_path: Local copy of the book. When unset, ``$TREASURE_ISLAND_PATH`` is used, then
+            a cached download from Project Gutenberg.
+        cache_dir: Folder for the downloaded book and token caches. Unset:
+            ``$SMARTER_CACHE_DIR`` or ``~/.cache/scaling-smarter``.
+        download_url: Where to download the book from when no local copy is given.
+        tokenizer: ``"auto"`` (the model's own tokenizer, or Mistral v1 for presets),
+            ``"mistral-v1"``, or a hub id / folder / SentencePiece ``.model`` file.
+        block_size: Tokens per training block and per evaluation window.
+        eval_stride: Step between evaluation windows; unset means ``block_size // 2``.
+        val_chapters: Chapter numbers held out for validation.
+        test_chapters: Chapter numbers held out for test.
+        batch_size: Training blocks per batch.
+        eval_batch_size: Evaluation windows per batch; unset means ``batch_size``.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        book_path: str | None = None,
+        cache_dir: str | None = None,
+        download_url: str = TREASURE_ISLAND_URL,
+        tokenizer: str = "auto",
+        block_size: int = 256,
+        eval_stride: int | None = None,
+        val_chapters: list[int] | None = None,
+        test_chapters: list[int] | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        val_chapters = [31, 32] if val_chapters is None else list(val_chapters)
+        test_chapters = [33, 34] if test_chapters is None else list(test_chapters)
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}.")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ConfigError(f"data.eval_batch_size must be >= 1, got {eval_batch_size}.")
+        if block_size < 2:
+            raise ConfigError(f"data.block_size must be >= 2, got {block_size}.")
+        stride = block_size // 2 if eval_stride is None else eval_stride
+        if not 1 <= stride <= block_size:
+            raise ConfigError(
+                f"data.eval_stride must be between 1 and block_size ({block_size}), got {stride}."
+            )
+        if not val_chapters or not test_chapters:
+            raise ConfigError("data.val_chapters and data.test_chapters must each name a chapter.")
+        if set(val_chapters) & set(test_chapters):
+            raise ConfigError(
+                f"Chapters {sorted(set(val_chapters) & set(test_chapters))} are in both "
+                "data.val_chapters and data.test_chapters; hold each out once."
+            )
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}.")
+        self.save_hyperparameters()
+        self.book_path = book_path
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.download_url = download_url
+        self.tokenizer_name = tokenizer
+        self.block_size = block_size
+        self.eval_stride = stride
+        self.val_chapters = val_chapters
+        self.test_chapters = test_chapters
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.datasets: dict[str, TensorRowsDataset] = {}
+        self.splits: BookSplits | None = None
+        self._tokenizer: TextTokenizer | None = None
+
+    # ---- locating the book -------------------------------------------------------------
+    def _given_book_path(self) -> Path | None:
+        for origin, value in (
+            ("data.book_path", self.book_path),
+            (BOOK_PATH_ENV, os.environ.get(BOOK_PATH_ENV)),
+        ):
+            if value:
+                path = Path(value).expanduser()
+                if not path.is_file():
+                    raise ConfigError(
+                        f"{origin}={value!r} is not a file; point it at the book's plain text "
+                        f"(pg120.txt) or unset it to download from {self.download_url}."
+                    )
+                return path
+        return None
+
+    @property
+    def downloaded_book_path(self) -> Path:
+        return self.cache_dir / "pg120.txt"
+
+    def book_file(self) -> Path:
+        """The book's file on disk (a given path, or the cached download)."""
+        given = self._given_book_path()
+        if given is not None:
+            return given
+        if not self.downloaded_book_path.is_file():
+            raise BookUnavailableError(
+                f"The book is not at {self.downloaded_book_path} and was not downloaded; run "
+                f"prepare_data() first, or set data.book_path / {BOOK_PATH_ENV} to a local copy."
+            )
+        return self.downloaded_book_path
+
+    def prepare_data(self) -> None:
+        """Download the book once (first process only) unless a local copy is given."""
+        if self._given_book_path() is None and not self.downloaded_book_path.is_file():
+            download_book(self.download_url, self.downloaded_book_path)
+
+    # ---- tokenization --------------------------------------------------------------------
+    def resolve_tokenizer_source(self) -> str:
+        """The tokenizer to use: explicit, or the attached LightningModule's own."""
+        if self.tokenizer_name != "auto":
+            return self.tokenizer_name
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return getattr(module, "tokenizer_source", None) or MISTRAL_V1_TOKENIZER
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.resolve_tokenizer_source())
+        return self._tokenizer
+
+    def load_splits(self) -> BookSplits:
+        """Read, clean and split the book by chapter."""
+        if self.splits is None:
+            book = strip_gutenberg_boilerplate(read_utf8_text(self.book_file()))
+            self.splits = assign_chapters(split_into_chapters(book), self.val_chapters, self.test_chapters)
+        return self.splits
+
+    def _cache_key(self, text_digest: str) -> str:
+        spec = {
+            "text": text_digest,
+            "tokenizer": self.tokenizer.name,
+            "block_size": self.block_size,
+            "eval_stride": self.eval_stride,
+            "val": self.val_chapters,
+            "test": self.test_chapters,
+            "format": 1,
+        }
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+    def build_split_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Tokenize each split and pack (train) or window (val/test) it; cached on disk."""
+        splits = self.load_splits()
+        texts = {name: splits.text(name) for name in SPLITS}
+        digest = hashlib.sha256("\x1e".join(texts.values()).encode()).hexdigest()
+        cache_file = self.cache_dir / "tokens" / f"{self._cache_key(digest)}.pt"
+        if cache_file.is_file():
+            return torch.load(cache_file, weights_only=True)
+        tok = self.tokenizer
+        byte_lengths = torch.tensor(tok.token_byte_lengths(), dtype=torch.long)
+        pad_id = tok.eos_id
+        tensors: dict[str, dict[str, torch.Tensor]] = {}
+        train_stream = torch.tensor([tok.bos_id, *tok.encode(texts["train"])], dtype=torch.long)
+        tensors["train"] = pack_into_blocks(train_stream, self.block_size, pad_id)
+        for name in ("val", "test"):
+            tokens = torch.tensor(tok.encode(texts[name]), dtype=torch.long)
+            windows = make_eval_windows(tokens, tok.bos_id, self.block_size, self.eval_stride, pad_id)
+            windows["scored_bytes"] = scored_bytes(windows["labels"], byte_lengths)
+            tensors[name] = windows
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache_file.with_name(cache_file.name + f".{os.getpid()}.partial")
+        torch.save(tensors, partial)
+        os.replace(partial, cache_file)
+        return tensors
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        tensors = self.build_split_tensors()
+        self.datasets = {name: TensorRowsDataset(tensors[name]) for name in SPLITS}
+        counts = {name: int((t["labels"] != -100).sum()) for name, t in tensors.items()}
+        rank_zero_info(
+            f"Treasure Island: scored tokens train={counts['train']} val={counts['val']} "
+            f"test={counts['test']} (tokenizer {self.tokenizer.name}, block {self.block_size})"
+        )
+
+    # ---- loaders -------------------------------------------------------------------------
+    def _eval_loader(self, split: str) -> DataLoader:
+        dataset = self.datasets[split]
+        sampler = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # shard without padding, so no window is scored twice across processes
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            sampler=sampler,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.datasets["train"],
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            drop_last=False,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

@@ -1,0 +1,224 @@
+"""The LightningModule: a configurable Mistral with next-token loss, exact perplexity and AdamW.
+
+Building the model lives in ``model_building``; this class owns the loss, the metrics, the
+optimizer and the hooks. Subclass it to change any of them (see the README).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+
+from datamodules.packing import IGNORE_INDEX
+from datamodules.tokenizers import MISTRAL_V1_TOKENIZER
+from lightning_modules.metrics import TokenNLLMetric
+from lightning_modules.model_building import (
+    Attention,
+    DType,
+    LoraSettings,
+    ModelSpec,
+    Quantization,
+    load_causal_lm,
+    validate_model_spec,
+)
+from lightning_modules.schedules import WarmupConstant, WarmupCosine
+from smarter.errors import ConfigError
+
+# Checkpoints hold these (hyperparameters, scheduler state); resuming loads with weights_only=True.
+torch.serialization.add_safe_globals([LoraSettings, WarmupCosine, WarmupConstant])
+
+Optimizer = Literal["adamw", "adamw-8bit", "paged-adamw-8bit"]
+Schedule = Literal["cosine", "constant"]
+
+
+class MistralModule(L.LightningModule):
+    """A Mistral causal LM (preset or checkpoint; quantized or not; eager or SDPA; LoRA or not).
+
+    Args:
+        source: Preset name (``tiny``, ``mistral-7b``), hub id, or local Hugging Face folder.
+        preset_overrides: MistralConfig fields replacing a preset's, e.g. ``{num_hidden_layers: 4}``.
+        quantization: ``none``, ``int8``, ``nf4`` or ``nf4-dq`` (bitsandbytes).
+        attention: ``eager`` or ``sdpa``.
+        dtype: Dtype of the non-quantized weights and of the 4-bit compute.
+        gradient_checkpointing: Recompute activations in backward to save memory.
+        lora: LoRA adapters (peft); unset for evaluation or full fine-tuning.
+        preset_seed: Seed of a preset's random weights.
+        optimizer: ``adamw`` (torch), or bitsandbytes ``adamw-8bit`` / ``paged-adamw-8bit``.
+        learning_rate: Peak learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_steps: Linear warm-up steps.
+        schedule: After warm-up: ``cosine`` decay to ``min_lr_ratio`` or ``constant``.
+        min_lr_ratio: Final learning rate over peak, for the cosine schedule.
+    """
+
+    def __init__(
+        self,
+        source: str = "tiny",
+        preset_overrides: dict[str, int | float | bool | str | None] | None = None,
+        quantization: Quantization = "none",
+        attention: Attention = "sdpa",
+        dtype: DType = "bfloat16",
+        gradient_checkpointing: bool = False,
+        lora: LoraSettings | None = None,
+        preset_seed: int = 0,
+        optimizer: Optimizer = "adamw",
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 20,
+        schedule: Schedule = "cosine",
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if learning_rate <= 0:
+            raise ConfigError(f"model.learning_rate must be > 0, got {learning_rate}.")
+        if warmup_steps < 0:
+            raise ConfigError(f"model.warmup_steps must be >= 0, got {warmup_steps}.")
+        if optimizer not in ("adamw", "adamw-8bit", "paged-adamw-8bit"):
+            raise ConfigError(
+                f"model.optimizer={optimizer!r} is not supported; choose adamw, adamw-8bit "
+                "or paged-adamw-8bit."
+            )
+        self.spec = ModelSpec(
+            source=source,
+            preset_overrides=preset_overrides,
+            quantization=quantization,
+            attention=attention,
+            dtype=dtype,
+            gradient_checkpointing=gradient_checkpointing,
+            lora=lora,
+            preset_seed=preset_seed,
+        )
+        # Every check that needs no weights happens here, before anything loads.
+        self.model_config = validate_model_spec(self.spec)
+        self.model: torch.nn.Module | None = None
+        self.val_metric = TokenNLLMetric()
+        self.test_metric = TokenNLLMetric()
+        # With adapters, checkpoints hold only what trains: the frozen base is rebuilt from spec.
+        self.strict_loading = lora is None
+
+    # ---- building ------------------------------------------------------------------------
+    @property
+    def tokenizer_source(self) -> str:
+        """The tokenizer matching the weights: the checkpoint's own, or Mistral v1 for presets."""
+        return MISTRAL_V1_TOKENIZER if self.spec.is_preset else self.spec.source
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.model_config.max_position_embeddings)
+
+    def setup(self, stage: str) -> None:
+        """Check the data against the model before any weights load."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        block_size = getattr(datamodule, "block_size", None)
+        if block_size is not None and block_size > self.max_positions:
+            raise ConfigError(
+                f"data.block_size={block_size} exceeds the model's maximum positions "
+                f"({self.max_positions}); lower data.block_size."
+            )
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is not None and tokenizer.vocab_size > self.model_config.vocab_size:
+            raise ConfigError(
+                f"The tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                f"{self.model_config.vocab_size}; use the model's own tokenizer (data.tokenizer: auto)."
+            )
+        if stage == "fit" and self.spec.quantization != "none" and self.spec.lora is None:
+            raise ConfigError(
+                f"model.quantization={self.spec.quantization} freezes the base weights, so fit "
+                "would train nothing; set model.lora (QLoRA) or model.quantization: none."
+            )
+
+    def configure_model(self) -> None:
+        """Load the model once, straight onto the strategy's device."""
+        if self.model is not None:
+            return
+        device = self._trainer.strategy.root_device if self._trainer is not None else self.device
+        self.model = load_causal_lm(self.spec, device)
+        self.model.train()  # from_pretrained returns eval mode; Lightning's loops switch for eval
+
+    # ---- loss ----------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``(batch, seq, vocab)``."""
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def token_nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed NLL (nats, fp32) of the scored targets of ``batch`` and their number."""
+        logits = self(batch["input_ids"])  # (batch, seq, vocab)
+        labels = batch["labels"]  # (batch, seq), already shifted; -100 = not scored
+        nll_sum = F.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        return nll_sum, (labels != IGNORE_INDEX).sum()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        nll_sum, tokens = self.token_nll(batch)
+        loss = nll_sum / tokens.clamp_min(1)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], metric: TokenNLLMetric) -> None:
+        nll_sum, tokens = self.token_nll(batch)
+        scored_bytes = batch.get("scored_bytes", torch.zeros(1, dtype=torch.long)).sum()
+        metric.update(nll_sum, tokens, scored_bytes)
+
+    def _log_split(self, split: str, metric: TokenNLLMetric) -> None:
+        values = metric.compute()
+        metric.reset()
+        self.log_dict(
+            {f"{split}/{name}": value.float() for name, value in values.items()},
+            prog_bar=split == "val",
+            sync_dist=False,  # the metric already reduced its sums across processes
+        )
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metric)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_split("val", self.val_metric)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metric)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_split("test", self.test_metric)
+
+    # ---- optimization --------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = self.trainable_parameters()
+        if not params:
+            raise ConfigError("No parameter requires grad: set model.lora or model.quantization: none.")
+        hp = self.hparams
+        kwargs = {"lr": hp.learning_rate, "weight_decay": hp.weight_decay, "betas": tuple(hp.betas)}
+        if hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, **kwargs)
+        else:
+            import bitsandbytes as bnb
+
+            cls = bnb.optim.AdamW8bit if hp.optimizer == "adamw-8bit" else bnb.optim.PagedAdamW8bit
+            optimizer = cls(params, **kwargs)
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        if hp.schedule == "cosine":
+            multiplier = WarmupCosine(hp.warmup_steps, total_steps, hp.min_lr_ratio)
+        else:
+            multiplier = WarmupConstant(hp.warmup_steps)
+        scheduler = LambdaLR(optimizer, multiplier)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """With adapters, keep only trainable weights; the frozen base rebuilds from the spec."""
+        if self.spec.lora is None:
+            return
+        trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {
+            key: value for key, value in checkpoint["state_dict"].items() if key in trainable
+        }

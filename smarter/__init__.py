@@ -1,0 +1,1 @@
+"""The `smarter` command line."""

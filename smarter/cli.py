@@ -1,0 +1,66 @@
+"""The ``smarter`` command: LightningCLI over the Mistral module and the Treasure Island data."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+from lightning.pytorch.cli import LightningCLI
+
+from datamodules.treasure_island import TreasureIslandDataModule
+from lightning_modules.mistral_module import MistralModule
+from smarter.errors import ConfigError
+
+
+class SmarterCLI(LightningCLI):
+    """LightningCLI with this framework's defaults (TensorBoard logs under ``runs/``)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults(
+            {
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "default"},
+                },
+            }
+        )
+
+
+def quiet_known_warnings() -> None:
+    """Silence warnings this framework already handles, so real ones stand out."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> SmarterCLI:
+    """The CLI over the Mistral module and the Treasure Island data (both subclassable).
+
+    Args:
+        args: Command-line arguments; unset reads ``sys.argv``.
+        run: Run the subcommand; with False, only parse and instantiate (no subcommand given).
+    """
+    return SmarterCLI(
+        MistralModule,
+        TreasureIslandDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``smarter`` console command."""
+    quiet_known_warnings()
+    try:
+        build_cli(args)
+    except ConfigError as error:
+        print(f"smarter: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

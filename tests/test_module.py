@@ -1,0 +1,128 @@
+"""The LightningModule: exact perplexity, early checks against the data, optimizer, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules.packing import IGNORE_INDEX
+from datamodules.treasure_island import TreasureIslandDataModule
+from lightning_modules import LoraSettings, MistralModule
+from smarter.errors import ConfigError
+
+
+def _trainer(**kwargs) -> L.Trainer:
+    defaults = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+    }
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def _direct_perplexity(module: MistralModule, dataset) -> tuple[float, float]:
+    """exp(sum NLL / tokens) and bits/byte, computed here in float64 from the same windows."""
+    nll, tokens = 0.0, 0
+    module.model.eval()
+    with torch.no_grad():
+        for row in range(len(dataset)):
+            item = dataset[row]
+            logits = module.model(input_ids=item["input_ids"][None]).logits[0].double()  # (seq, vocab)
+            log_probs = torch.log_softmax(logits, dim=-1)
+            scored = item["labels"] != IGNORE_INDEX
+            nll -= log_probs[scored.nonzero().flatten(), item["labels"][scored]].sum().item()
+            tokens += int(scored.sum())
+    total_bytes = int(dataset.tensors["scored_bytes"].sum())
+    return math.exp(nll / tokens), nll / math.log(2) / total_bytes
+
+
+@pytest.mark.parametrize("eval_batch_size", [1, 7])
+def test_logged_val_ppl_equals_a_direct_computation(book_path, eval_batch_size):
+    module = MistralModule(source="tiny", dtype="float32")
+    datamodule = TreasureIslandDataModule(block_size=128, eval_stride=64, eval_batch_size=eval_batch_size)
+    trainer = _trainer()
+    trainer.validate(module, datamodule=datamodule)
+    logged_ppl = float(trainer.callback_metrics["val/ppl"])
+    logged_bpb = float(trainer.callback_metrics["val/bits_per_byte"])
+    expected_ppl, expected_bpb = _direct_perplexity(module, datamodule.datasets["val"])
+    assert logged_ppl == pytest.approx(expected_ppl, rel=1e-5)
+    assert logged_bpb == pytest.approx(expected_bpb, rel=1e-5)
+    assert float(trainer.callback_metrics["val/loss"]) == pytest.approx(math.log(expected_ppl), rel=1e-5)
+
+
+def test_test_split_is_scored_too(book_path):
+    module = MistralModule(source="tiny", dtype="float32")
+    trainer = _trainer(limit_test_batches=2)
+    trainer.test(module, datamodule=TreasureIslandDataModule(block_size=64))
+    assert {"test/loss", "test/ppl", "test/bits_per_byte"} <= set(trainer.callback_metrics)
+
+
+def test_block_size_above_max_positions_is_refused_before_weights_load(book_path, monkeypatch):
+    monkeypatch.setattr(
+        "lightning_modules.mistral_module.load_causal_lm",
+        lambda *a, **k: pytest.fail("weights loaded before the block size was checked"),
+    )
+    module = MistralModule(source="tiny", preset_overrides={"max_position_embeddings": 128})
+    with pytest.raises(
+        ConfigError, match=r"data.block_size=256 exceeds the model's maximum positions \(128\)"
+    ):
+        _trainer().validate(module, datamodule=TreasureIslandDataModule(block_size=256))
+
+
+def test_fitting_a_quantized_base_without_lora_is_refused(book_path, monkeypatch):
+    monkeypatch.setattr(
+        "lightning_modules.mistral_module.load_causal_lm",
+        lambda *a, **k: pytest.fail("weights loaded before the setup was checked"),
+    )
+    module = MistralModule(source="tiny", quantization="nf4")
+    with pytest.raises(ConfigError, match="set model.lora"):
+        _trainer(max_steps=1).fit(module, datamodule=TreasureIslandDataModule(block_size=64))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"learning_rate": 0.0}, "model.learning_rate must be > 0"),
+        ({"warmup_steps": -1}, "model.warmup_steps must be >= 0"),
+        ({"optimizer": "sgd"}, "model.optimizer='sgd' is not supported"),
+        ({"quantization": "int4"}, "model.quantization='int4' is not supported"),
+    ],
+)
+def test_bad_module_arguments_are_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        MistralModule(source="tiny", **kwargs)
+
+
+def test_only_trainable_params_reach_the_optimizer(book_path):
+    module = MistralModule(
+        source="tiny", dtype="float32", lora=LoraSettings(r=4, alpha=8), learning_rate=1e-2, warmup_steps=0
+    )
+    trainer = _trainer(max_steps=8, limit_val_batches=0)
+    trainer.fit(module, datamodule=TreasureIslandDataModule(block_size=64, batch_size=4))
+    optimizer = trainer.optimizers[0]
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = {id(p) for p in module.model.parameters() if p.requires_grad}
+    assert optimized == trainable and len(trainable) == 28
+
+
+def test_lora_checkpoints_hold_only_adapter_weights(book_path, tmp_path):
+    module = MistralModule(source="tiny", dtype="float32", lora=LoraSettings(r=4, alpha=8))
+    trainer = _trainer(max_steps=2, limit_val_batches=0, default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=TreasureIslandDataModule(block_size=64, batch_size=2))
+    path = tmp_path / "adapters.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=False)["state_dict"]
+    assert state and all("lora_" in key for key in state)
+    assert len(state) == 28
+    resumed = MistralModule(source="tiny", dtype="float32", lora=LoraSettings(r=4, alpha=8))
+    resumed_trainer = _trainer(max_steps=3, limit_val_batches=0, default_root_dir=str(tmp_path))
+    resumed_trainer.fit(
+        resumed, datamodule=TreasureIslandDataModule(block_size=64, batch_size=2), ckpt_path=path
+    )
+    assert resumed_trainer.global_step == 3

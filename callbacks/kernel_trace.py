@@ -1,0 +1,315 @@
+"""Kernel tracing with torch.profiler for any stage: Perfetto/TensorBoard traces and a kernel summary.
+
+Lightning's ``PyTorchProfiler`` is a Trainer-wide profiler that wraps every hook and writes one trace
+per stage; it has no step-aligned kernel summary. This callback profiles a wait / warm-up / active
+window of batches of the stage being run and, per active cycle, writes:
+
+- ``<stage>-cycle<N>.pt.trace.json.gz``: a Chrome trace (opens in Perfetto, and in TensorBoard's
+  profiler plugin, which reads ``*.pt.trace.json.gz``);
+- ``<stage>-cycle<N>.kernel_summary.json``: per kernel and aten operator calls, total and mean self
+  time, share of device time; per-step device time, CPU time and kernel count; run metadata;
+- ``<stage>-cycle<N>.top_ops.txt``: the same, as a plain table;
+
+and logs ``prof/<stage>/device_time_ms``, ``prof/<stage>/cpu_time_ms`` and
+``prof/<stage>/kernel_count`` per profiled step. Tracing never stops the run: if it fails, it warns
+and switches itself off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.profiler import ProfilerActivity, profile, schedule
+
+from callbacks.kernel_summary import format_top_table, summarize_profile
+from smarter.errors import ConfigError
+
+Stage = Literal["train", "validate", "test", "predict"]
+_TRAINER_FN_TO_STAGE = {"fit": "train", "validate": "validate", "test": "test", "predict": "predict"}
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that decide which kernels run."""
+    import importlib.metadata as metadata
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("lightning", "transformers", "bitsandbytes", "peft"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    versions["cuda"] = str(torch.version.cuda)
+    return versions
+
+
+def run_metadata(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+    """What ran: variant, model spec and shape, device and versions."""
+    meta: dict[str, Any] = {
+        "variant": getattr(trainer.logger, "name", None) if trainer.logger else None,
+        "versions": library_versions(),
+        "device": (
+            torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+        ),
+    }
+    spec = getattr(pl_module, "spec", None)
+    if spec is not None:
+        meta["model"] = spec.describe()
+    config = getattr(pl_module, "model_config", None)
+    if config is not None:
+        fields = (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+        )
+        meta["model_shape"] = {name: getattr(config, name, None) for name in fields}
+    return meta
+
+
+class KernelTraceCallback(Callback):
+    """Profile a window of batches with torch.profiler and summarize the kernels.
+
+    Args:
+        wait: Batches skipped before each cycle.
+        warmup: Batches traced but discarded (the profiler's own start-up) before each active window.
+        active: Batches recorded per cycle.
+        repeat: Number of cycles.
+        stages: Stages to profile; unset profiles the stage the run is for (``fit`` profiles train).
+        record_shapes: Record operator input shapes.
+        profile_memory: Record tensor allocations.
+        with_stack: Record Python stacks (large traces).
+        output_dir: Folder for traces and summaries; unset means ``<log dir>/kernel_trace``.
+        top_k: Rows kept in the summary tables.
+    """
+
+    def __init__(
+        self,
+        wait: int = 1,
+        warmup: int = 2,
+        active: int = 3,
+        repeat: int = 1,
+        stages: list[Stage] | None = None,
+        record_shapes: bool = False,
+        profile_memory: bool = False,
+        with_stack: bool = False,
+        output_dir: str | None = None,
+        top_k: int = 25,
+    ) -> None:
+        super().__init__()
+        if active < 1:
+            raise ConfigError(f"kernel trace: active={active} records nothing; set active >= 1.")
+        if wait < 0 or warmup < 0:
+            raise ConfigError(f"kernel trace: wait ({wait}) and warmup ({warmup}) must be >= 0.")
+        if repeat < 1:
+            raise ConfigError(f"kernel trace: repeat={repeat}; set repeat >= 1.")
+        unknown = sorted(set(stages or []) - set(_TRAINER_FN_TO_STAGE.values()))
+        if unknown:
+            raise ConfigError(f"kernel trace: unknown stages {unknown}; use train, validate, test, predict.")
+        self.wait, self.warmup, self.active, self.repeat = wait, warmup, active, repeat
+        self.stages = list(stages) if stages else None
+        self.record_shapes = record_shapes
+        self.profile_memory = profile_memory
+        self.with_stack = with_stack
+        self.output_dir = output_dir
+        self.top_k = top_k
+        self.enabled = True
+        self.summaries: list[dict[str, Any]] = []
+        self._profiler: profile | None = None
+        self._profiled_stages: set[str] = set()
+        self._stage: str | None = None
+        self._cycle = 0
+        self._batch_shape: list[int] | None = None
+        self._out: Path | None = None
+        self._meta: dict[str, Any] = {}
+        self._trainer: L.Trainer | None = None
+
+    @property
+    def steps_per_run(self) -> int:
+        return (self.wait + self.warmup + self.active) * self.repeat
+
+    # ---- setup ---------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        folder = Path(self.output_dir) if self.output_dir else Path(trainer.log_dir or ".") / "kernel_trace"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / ".write_probe"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as error:
+            self._disable(f"cannot write to the output folder {folder} ({error}); set output_dir")
+            return
+        self._out = folder
+        self._meta = run_metadata(trainer, pl_module)
+
+    def _wanted(self, stage: str, trainer: L.Trainer) -> bool:
+        if not self.enabled or trainer.sanity_checking or stage in self._profiled_stages:
+            return False
+        if self.stages is not None:
+            return stage in self.stages
+        return _TRAINER_FN_TO_STAGE.get(getattr(trainer.state.fn, "value", ""), "") == stage
+
+    def _disable(self, reason: str) -> None:
+        warnings.warn(f"Kernel tracing switched off: {reason}. The run continues.", stacklevel=2)
+        self.enabled = False
+        if self._profiler is not None:
+            with contextlib.suppress(Exception):  # the profiler is being discarded anyway
+                self._profiler.stop()
+            self._profiler = None
+
+    def _available_batches(self, stage: str, trainer: L.Trainer) -> float:
+        if stage == "train":
+            max_steps = float(trainer.max_steps) if trainer.max_steps > 0 else float("inf")
+            return min(float(trainer.num_training_batches), max_steps)
+        counts = {
+            "validate": trainer.num_val_batches,
+            "test": trainer.num_test_batches,
+            "predict": trainer.num_predict_batches,
+        }[stage]
+        return float(sum(counts)) if isinstance(counts, list) else float(counts)
+
+    # ---- profiling -----------------------------------------------------------------------
+    def _start(self, stage: str, trainer: L.Trainer) -> None:
+        available = self._available_batches(stage, trainer)
+        if available < self.steps_per_run:
+            warnings.warn(
+                f"Kernel trace: the {stage} run has {available:g} batches but the schedule needs "
+                f"wait+warmup+active={self.wait + self.warmup + self.active} per cycle x {self.repeat}; "
+                "the last window will be cut short. Lower active/repeat or raise the batch limit.",
+                stacklevel=2,
+            )
+        activities = [ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(ProfilerActivity.CUDA)
+        self._stage = stage
+        self._cycle = 0
+        self._profiler = profile(
+            activities=activities,
+            schedule=schedule(wait=self.wait, warmup=self.warmup, active=self.active, repeat=self.repeat),
+            on_trace_ready=self._on_trace_ready,
+            record_shapes=self.record_shapes,
+            profile_memory=self.profile_memory,
+            with_stack=self.with_stack,
+        )
+        self._profiler.start()
+
+    def _on_trace_ready(self, prof: profile) -> None:
+        try:
+            self._cycle += 1
+            name = f"{self._stage}-cycle{self._cycle}"
+            prof.export_chrome_trace(str(self._out / f"{name}.pt.trace.json.gz"))
+            on_gpu = any(a == ProfilerActivity.CUDA for a in prof.activities)
+            summary = summarize_profile(prof.events(), on_gpu=on_gpu, top_k=self.top_k)
+            summary["metadata"] = {
+                **self._meta,
+                "stage": self._stage,
+                "cycle": self._cycle,
+                "batch_shape": self._batch_shape,
+                "schedule": {
+                    "wait": self.wait,
+                    "warmup": self.warmup,
+                    "active": self.active,
+                    "repeat": self.repeat,
+                },
+            }
+            (self._out / f"{name}.kernel_summary.json").write_text(json.dumps(summary, indent=2))
+            (self._out / f"{name}.top_ops.txt").write_text(format_top_table(summary) + "\n")
+            self.summaries.append(summary)
+            self._log_step_scalars(summary)
+        except Exception as error:
+            self._disable(f"writing the {self._stage} trace failed ({error!r})")
+
+    def _log_step_scalars(self, summary: dict[str, Any]) -> None:
+        trainer = self._trainer
+        if trainer is None or not trainer.loggers:
+            return
+        first = (self._cycle - 1) * (self.wait + self.warmup + self.active) + self.wait + self.warmup
+        for offset, step in enumerate(summary["steps"]):
+            metrics = {
+                f"prof/{self._stage}/{key}": float(step[key])
+                for key in ("device_time_ms", "cpu_time_ms", "kernel_count")
+            }
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=first + offset)
+
+    def _batch_start(self, stage: str, trainer: L.Trainer, batch: Any) -> None:
+        if self._profiler is None and self._wanted(stage, trainer):
+            try:
+                self._start(stage, trainer)
+            except Exception as error:
+                self._disable(f"starting torch.profiler failed ({error!r})")
+        if self._profiler is not None and self._batch_shape is None and isinstance(batch, dict):
+            ids = batch.get("input_ids")
+            if isinstance(ids, torch.Tensor):
+                self._batch_shape = list(ids.shape)
+
+    def _batch_end(self, stage: str) -> None:
+        if self._profiler is None or self._stage != stage:
+            return
+        try:
+            self._profiler.step()  # may write a cycle, and switch tracing off if that fails
+            if self._profiler is not None and self._profiler.step_num >= self.steps_per_run:
+                self._finish(stage)
+        except Exception as error:
+            self._disable(f"profiling the {stage} step failed ({error!r})")
+
+    def _finish(self, stage: str) -> None:
+        if self._profiler is None or self._stage != stage:
+            return
+        profiler, self._profiler = self._profiler, None
+        self._profiled_stages.add(stage)
+        cut_short = profiler.step_num < self.steps_per_run
+        profiler.stop()
+        if cut_short and self._cycle < self.repeat:
+            warnings.warn(
+                f"Kernel trace: the {stage} run ended after {profiler.step_num} profiled batches, "
+                f"before the schedule's {self.steps_per_run}; {self._cycle} cycle(s) written.",
+                stacklevel=2,
+            )
+
+    # ---- Lightning hooks -----------------------------------------------------------------
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._batch_start("train", trainer, batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._batch_end("train")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._finish("train")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._batch_start("validate", trainer, batch)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._batch_end("validate")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._finish("validate")
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._batch_start("test", trainer, batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._batch_end("test")
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._finish("test")
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._batch_start("predict", trainer, batch)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._batch_end("predict")
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._finish("predict")

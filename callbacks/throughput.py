@@ -1,0 +1,236 @@
+"""Throughput, MFU and memory for every stage, logged under ``perf/<stage>/...``.
+
+Each batch is timed between its start and end hooks with the GPU synchronized at both ends, so the
+time covers the whole step. Tokens are the scored ones (``labels != -100``; padding is not work
+done), or generated tokens for predict when the module reports them. The first ``warmup_steps``
+batches of each stage are left out of the stage totals (compilation, allocator growth, caches).
+
+Lightning's ``ThroughputMonitor`` logs under its own key scheme and does not log in predict; this
+callback keeps one scheme for all four stages and also reports memory.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from callbacks.flops import flops_per_token, peak_tflops_for
+from smarter.errors import ConfigError
+
+GIB = 1024**3
+_STAGES = {"fit": "train", "validate": "validate", "test": "test", "predict": "predict"}
+
+
+def host_rss_gib() -> float:
+    """Current resident memory of this process (Linux ``/proc``; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+        return pages * resource.getpagesize() / GIB
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+@dataclass
+class StageCounters:
+    """Running totals of one stage, warm-up batches excluded."""
+
+    steps: int = 0
+    seen: int = 0
+    tokens: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+    flops: float = 0.0
+    step_times: list[float] = field(default_factory=list)
+
+
+class ThroughputMemoryCallback(Callback):
+    """Tokens/s, samples/s, model TFLOP/s and MFU, step time, and GPU / host memory per stage.
+
+    Args:
+        warmup_steps: Batches per stage left out of the totals.
+        peak_tflops: Peak TFLOP/s of one device for MFU; unset picks the dense bf16 peak for known
+            GPUs (H100/H200: 989) and logs no MFU elsewhere.
+        log_every_n_steps: Log per-step figures every N batches (stage totals are always logged).
+    """
+
+    def __init__(self, warmup_steps: int = 2, peak_tflops: float | None = None, log_every_n_steps: int = 10):
+        super().__init__()
+        if warmup_steps < 0:
+            raise ConfigError(f"throughput: warmup_steps must be >= 0, got {warmup_steps}.")
+        if peak_tflops is not None and peak_tflops <= 0:
+            raise ConfigError(f"throughput: peak_tflops must be > 0, got {peak_tflops}.")
+        if log_every_n_steps < 1:
+            raise ConfigError(f"throughput: log_every_n_steps must be >= 1, got {log_every_n_steps}.")
+        self.warmup_steps = warmup_steps
+        self.peak_tflops = peak_tflops
+        self.log_every_n_steps = log_every_n_steps
+        self.counters: dict[str, StageCounters] = {}
+        self.summary: dict[str, dict[str, float]] = {}
+        self._t0: float | None = None
+
+    # ---- helpers -------------------------------------------------------------------------
+    @staticmethod
+    def _sync(device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def _peak(self, pl_module: L.LightningModule) -> float | None:
+        if self.peak_tflops is not None:
+            return self.peak_tflops
+        if pl_module.device.type == "cuda":
+            return peak_tflops_for(torch.cuda.get_device_name(pl_module.device))
+        return None
+
+    @staticmethod
+    def _mode(stage: str, pl_module: L.LightningModule) -> str:
+        if stage != "train":
+            return "inference"
+        spec = getattr(pl_module, "spec", None)
+        return "train-lora" if spec is not None and spec.lora is not None else "train-full"
+
+    @staticmethod
+    def _lora_weights(pl_module: L.LightningModule) -> int:
+        model = getattr(pl_module, "model", None)
+        if model is None:
+            return 0
+        return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+    @staticmethod
+    def _batch_work(batch: Any, outputs: Any) -> tuple[int, int, int]:
+        """(scored tokens, samples, sequence length) of a batch."""
+        if isinstance(outputs, dict) and "generated_tokens" in outputs:
+            generated = int(outputs["generated_tokens"])
+            return generated, int(outputs.get("samples", 1)), int(outputs.get("seq_len", 1))
+        if isinstance(batch, dict) and "input_ids" in batch:
+            ids = batch["input_ids"]
+            labels = batch.get("labels")
+            tokens = int((labels != -100).sum()) if labels is not None else ids.numel()
+            return tokens, ids.shape[0], ids.shape[-1]
+        return 0, 0, 0
+
+    def _log(self, trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    # ---- stage start / end ---------------------------------------------------------------
+    def _stage_start(self, stage: str, pl_module: L.LightningModule) -> None:
+        self.counters[stage] = StageCounters()
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def _stage_end(self, stage: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        counters = self.counters.get(stage)
+        if counters is None:
+            return
+        result: dict[str, float] = {"host_rss_gib": host_rss_gib()}
+        if counters.seconds > 0:
+            result.update(
+                tokens_per_s=counters.tokens / counters.seconds,
+                samples_per_s=counters.samples / counters.seconds,
+                step_time_ms=1000 * counters.seconds / counters.steps,
+                tflops_per_s=counters.flops / counters.seconds / 1e12,
+            )
+            peak = self._peak(pl_module)
+            if peak:
+                result["mfu"] = result["tflops_per_s"] / peak
+        if pl_module.device.type == "cuda":
+            result["peak_allocated_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / GIB
+            result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(pl_module.device) / GIB
+        result["timed_steps"] = float(counters.steps)
+        self.summary[stage] = result
+        self._log(trainer, {f"perf/{stage}/{k}": v for k, v in result.items()}, step=trainer.global_step)
+
+    # ---- batches -------------------------------------------------------------------------
+    def _batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self._sync(pl_module.device)
+        self._t0 = time.perf_counter()
+
+    def _batch_end(self, stage: str, trainer, pl_module, outputs: Any, batch: Any) -> None:
+        if trainer.sanity_checking or self._t0 is None or stage not in self.counters:
+            return
+        self._sync(pl_module.device)
+        elapsed = time.perf_counter() - self._t0
+        self._t0 = None
+        counters = self.counters[stage]
+        counters.seen += 1
+        tokens, samples, seq_len = self._batch_work(batch, outputs)
+        config = getattr(pl_module, "model_config", None)
+        flops = 0.0
+        if config is not None and seq_len:
+            flops = tokens * flops_per_token(
+                config, seq_len, self._mode(stage, pl_module), self._lora_weights(pl_module)
+            )
+        if counters.seen <= self.warmup_steps:
+            return
+        counters.steps += 1
+        counters.tokens += tokens
+        counters.samples += samples
+        counters.seconds += elapsed
+        counters.flops += flops
+        if counters.steps % self.log_every_n_steps == 0:
+            step_metrics = {
+                f"perf/{stage}/step_tokens_per_s": tokens / elapsed if elapsed else 0.0,
+                f"perf/{stage}/step_time_ms": 1000 * elapsed,
+            }
+            self._log(trainer, step_metrics, step=trainer.global_step if stage == "train" else counters.seen)
+
+    # ---- Lightning hooks -----------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._stage_start("train", pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._batch_start(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._batch_end("train", trainer, pl_module, outputs, batch)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._stage_end("train", trainer, pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "validate":
+            self._stage_start("validate", pl_module)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if "validate" in self.counters:
+            self._batch_start(trainer, pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._batch_end("validate", trainer, pl_module, outputs, batch)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "validate":
+            self._stage_end("validate", trainer, pl_module)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._stage_start("test", pl_module)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._batch_start(trainer, pl_module)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._batch_end("test", trainer, pl_module, outputs, batch)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._stage_end("test", trainer, pl_module)
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._stage_start("predict", pl_module)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._batch_start(trainer, pl_module)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._batch_end("predict", trainer, pl_module, outputs, batch)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._stage_end("predict", trainer, pl_module)

@@ -120,9 +120,7 @@ def summarize_profile(events, on_gpu: bool, top_k: int = 25) -> dict:
     ]
     return {
         "device_kind": "cuda" if on_gpu else "cpu",
-        "kernel_meaning": (
-            "device kernels" if on_gpu else "aten operators by self CPU time (CPU is the device)"
-        ),
+        "kernel_meaning": ("device kernels" if on_gpu else "aten operators by self CPU time (CPU is the device)"),
         "kernels": table(kernels),
         "operators": table(operators),
         "steps": step_rows,

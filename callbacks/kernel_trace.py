@@ -55,9 +55,7 @@ def run_metadata(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, 
     meta: dict[str, Any] = {
         "variant": getattr(trainer.logger, "name", None) if trainer.logger else None,
         "versions": library_versions(),
-        "device": (
-            torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-        ),
+        "device": (torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"),
     }
     spec = getattr(pl_module, "spec", None)
     if spec is not None:

@@ -25,6 +25,7 @@ from datamodules.gutenberg import (
     strip_gutenberg_boilerplate,
 )
 from datamodules.packing import make_eval_windows, pack_into_blocks, scored_bytes
+from datamodules.prompts import DEFAULT_PROMPTS, instruction_text, read_prompts_file
 from datamodules.tokenizers import MISTRAL_V1_TOKENIZER, TextTokenizer, load_tokenizer
 from smarter.errors import ConfigError
 
@@ -105,6 +106,10 @@ class TreasureIslandDataModule(L.LightningDataModule):
         batch_size: Training blocks per batch.
         eval_batch_size: Evaluation windows per batch; unset means ``batch_size``.
         num_workers: DataLoader worker processes.
+        prompts: Prompts for ``predict``; unset uses a few questions about the book.
+        prompts_file: File of prompts for ``predict`` (one per line, or JSON Lines with
+            ``prompt``); takes precedence over ``prompts``.
+        chat_template: Wrap prompts in Mistral's ``[INST] ... [/INST]`` instruction format.
     """
 
     def __init__(
@@ -120,6 +125,9 @@ class TreasureIslandDataModule(L.LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
+        prompts: list[str] | None = None,
+        prompts_file: str | None = None,
+        chat_template: bool = True,
     ) -> None:
         super().__init__()
         val_chapters = [31, 32] if val_chapters is None else list(val_chapters)
@@ -132,9 +140,7 @@ class TreasureIslandDataModule(L.LightningDataModule):
             raise ConfigError(f"data.block_size must be >= 2, got {block_size}.")
         stride = block_size // 2 if eval_stride is None else eval_stride
         if not 1 <= stride <= block_size:
-            raise ConfigError(
-                f"data.eval_stride must be between 1 and block_size ({block_size}), got {stride}."
-            )
+            raise ConfigError(f"data.eval_stride must be between 1 and block_size ({block_size}), got {stride}.")
         if not val_chapters or not test_chapters:
             raise ConfigError("data.val_chapters and data.test_chapters must each name a chapter.")
         if set(val_chapters) & set(test_chapters):
@@ -156,6 +162,11 @@ class TreasureIslandDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
+        self.prompts_file = prompts_file
+        self.prompts = read_prompts_file(prompts_file) if prompts_file else list(prompts or DEFAULT_PROMPTS)
+        if not self.prompts or not all(p.strip() for p in self.prompts):
+            raise ConfigError("data.prompts must hold at least one non-empty prompt.")
+        self.chat_template = chat_template
         self.datasets: dict[str, TensorRowsDataset] = {}
         self.splits: BookSplits | None = None
         self._tokenizer: TextTokenizer | None = None
@@ -194,6 +205,8 @@ class TreasureIslandDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Download the book once (first process only) unless a local copy is given."""
+        if self.trainer is not None and getattr(self.trainer.state.fn, "value", None) == "predict":
+            return  # prompts need no book
         if self._given_book_path() is None and not self.downloaded_book_path.is_file():
             download_book(self.download_url, self.downloaded_book_path)
 
@@ -256,6 +269,8 @@ class TreasureIslandDataModule(L.LightningDataModule):
         return tensors
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            return  # prompts need no book
         if self.datasets:
             return
         tensors = self.build_split_tensors()
@@ -295,3 +310,22 @@ class TreasureIslandDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
+
+    def prompt_items(self) -> list[dict]:
+        """Each prompt with its token ids (BOS first), formatted for the model."""
+        tok = self.tokenizer
+        items = []
+        for prompt in self.prompts:
+            text = instruction_text(prompt) if self.chat_template else prompt
+            ids = torch.tensor([tok.bos_id, *tok.encode(text)], dtype=torch.long)
+            items.append({"prompt": prompt, "input_ids": ids})
+        return items
+
+    def predict_dataloader(self) -> DataLoader:
+        """One prompt per batch: batch-1 decoding, timed per prompt."""
+        return DataLoader(self.prompt_items(), batch_size=1, shuffle=False, collate_fn=_collate_prompt)
+
+
+def _collate_prompt(items: list[dict]) -> dict:
+    (item,) = items
+    return {"prompt": item["prompt"], "input_ids": item["input_ids"][None]}  # (1, prompt_len)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
 from datamodules.packing import IGNORE_INDEX
-from datamodules.tokenizers import MISTRAL_V1_TOKENIZER
+from datamodules.tokenizers import MISTRAL_V1_TOKENIZER, TextTokenizer, load_tokenizer
+from lightning_modules.generation import GenerationSettings, generate_timed
 from lightning_modules.metrics import TokenNLLMetric
 from lightning_modules.model_building import (
     Attention,
@@ -29,7 +30,7 @@ from lightning_modules.schedules import WarmupConstant, WarmupCosine
 from smarter.errors import ConfigError
 
 # Checkpoints hold these (hyperparameters, scheduler state); resuming loads with weights_only=True.
-torch.serialization.add_safe_globals([LoraSettings, WarmupCosine, WarmupConstant])
+torch.serialization.add_safe_globals([LoraSettings, GenerationSettings, WarmupCosine, WarmupConstant])
 
 Optimizer = Literal["adamw", "adamw-8bit", "paged-adamw-8bit"]
 Schedule = Literal["cosine", "constant"]
@@ -54,6 +55,7 @@ class MistralModule(L.LightningModule):
         warmup_steps: Linear warm-up steps.
         schedule: After warm-up: ``cosine`` decay to ``min_lr_ratio`` or ``constant``.
         min_lr_ratio: Final learning rate over peak, for the cosine schedule.
+        generation: How ``predict`` decodes (new tokens, greedy or sampled, warm-up).
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class MistralModule(L.LightningModule):
         warmup_steps: int = 20,
         schedule: Schedule = "cosine",
         min_lr_ratio: float = 0.1,
+        generation: GenerationSettings | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -82,8 +85,7 @@ class MistralModule(L.LightningModule):
             raise ConfigError(f"model.warmup_steps must be >= 0, got {warmup_steps}.")
         if optimizer not in ("adamw", "adamw-8bit", "paged-adamw-8bit"):
             raise ConfigError(
-                f"model.optimizer={optimizer!r} is not supported; choose adamw, adamw-8bit "
-                "or paged-adamw-8bit."
+                f"model.optimizer={optimizer!r} is not supported; choose adamw, adamw-8bit or paged-adamw-8bit."
             )
         self.spec = ModelSpec(
             source=source,
@@ -97,7 +99,9 @@ class MistralModule(L.LightningModule):
         )
         # Every check that needs no weights happens here, before anything loads.
         self.model_config = validate_model_spec(self.spec)
+        self.generation = generation or GenerationSettings()
         self.model: torch.nn.Module | None = None
+        self._tokenizer: TextTokenizer | None = None
         self.val_metric = TokenNLLMetric()
         self.test_metric = TokenNLLMetric()
         # With adapters, checkpoints hold only what trains: the frozen base is rebuilt from spec.
@@ -139,8 +143,12 @@ class MistralModule(L.LightningModule):
         if self.model is not None:
             return
         device = self._trainer.strategy.root_device if self._trainer is not None else self.device
-        self.model = load_causal_lm(self.spec, device)
+        self.model = self.build_model(device)
         self.model.train()  # from_pretrained returns eval mode; Lightning's loops switch for eval
+
+    def build_model(self, device: torch.device) -> torch.nn.Module:
+        """The Hugging Face model for ``self.spec`` on ``device``. Override to change the model itself."""
+        return load_causal_lm(self.spec, device)
 
     # ---- loss ----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -190,6 +198,46 @@ class MistralModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_split("test", self.test_metric)
 
+    # ---- predict ---------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        """The tokenizer of the data when attached to one, else the one matching the weights."""
+        if self._tokenizer is None:
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            self._tokenizer = getattr(datamodule, "tokenizer", None) or load_tokenizer(self.tokenizer_source)
+        return self._tokenizer
+
+    def on_predict_start(self) -> None:
+        """Untimed warm-up generations, so the first prompt's timings are not cold-start ones."""
+        warm_prompt = torch.tensor([[self.tokenizer.bos_id, *self.tokenizer.encode("[INST] Hello [/INST]")]])
+        warm_settings = GenerationSettings(max_new_tokens=min(8, self.generation.max_new_tokens))
+        for _ in range(self.generation.warmup):
+            generate_timed(self.model, warm_prompt.to(self.device), warm_settings)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Generate a completion for one prompt and report its timings."""
+        input_ids = batch["input_ids"]  # (1, prompt_len)
+        result = generate_timed(
+            self.model,
+            input_ids,
+            self.generation,
+            eos_id=self.tokenizer.eos_id,
+            sample_seed=self.generation.seed + batch_idx,
+        )
+        return {
+            "prompt": batch["prompt"],
+            "completion": self.tokenizer.decode(result.new_tokens),
+            "prompt_tokens": int(input_ids.shape[1]),
+            "new_tokens": len(result.new_tokens),
+            "ttft_ms": 1000 * result.ttft_s,
+            "decode_tokens_per_s": result.decode_tokens_per_s,
+            "total_latency_ms": 1000 * result.total_s,
+            # read by the throughput callback
+            "generated_tokens": len(result.new_tokens),
+            "samples": 1,
+            "seq_len": int(input_ids.shape[1]) + len(result.new_tokens),
+        }
+
     # ---- optimization --------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -221,6 +269,4 @@ class MistralModule(L.LightningModule):
         if self.spec.lora is None:
             return
         trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {
-            key: value for key, value in checkpoint["state_dict"].items() if key in trainable
-        }
+        checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items() if key in trainable}

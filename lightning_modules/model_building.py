@@ -165,9 +165,7 @@ def check_lora_targets(config, lora: LoraSettings) -> None:
     ]
     if unmatched:
         available = sorted({name.rsplit(".", 1)[-1] for name in names})
-        raise ConfigError(
-            f"model.lora.target_modules {unmatched} match no linear layer; choose among {available}."
-        )
+        raise ConfigError(f"model.lora.target_modules {unmatched} match no linear layer; choose among {available}.")
 
 
 def validate_model_spec(spec: ModelSpec):
@@ -177,8 +175,7 @@ def validate_model_spec(spec: ModelSpec):
     _check_choice("dtype", spec.dtype, DType)
     if spec.quantization != "none" and spec.dtype == "float32":
         raise ConfigError(
-            f"model.quantization={spec.quantization} computes in 16-bit; set model.dtype to "
-            "bfloat16 or float16."
+            f"model.quantization={spec.quantization} computes in 16-bit; set model.dtype to bfloat16 or float16."
         )
     config = resolve_model_config(spec.source, spec.preset_overrides)
     if spec.lora is not None:

@@ -8,17 +8,28 @@ import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
+from callbacks.prediction_writer import JsonlPredictionWriter
 from datamodules.treasure_island import TreasureIslandDataModule
 from lightning_modules.mistral_module import MistralModule
 from smarter.errors import ConfigError
 
 
 class SmarterCLI(LightningCLI):
-    """LightningCLI with this framework's defaults (TensorBoard logs under ``runs/``)."""
+    """LightningCLI with this framework's defaults (TensorBoard logs under ``runs/``).
+
+    ``predict`` always writes ``predictions.jsonl`` in the run's log folder (unless a
+    ``JsonlPredictionWriter`` is configured with its own path).
+    """
+
+    def before_predict(self) -> None:
+        if not any(isinstance(c, JsonlPredictionWriter) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(JsonlPredictionWriter())
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults(
             {
+                "model": {"class_path": "lightning_modules.MistralModule"},
+                "data": {"class_path": "datamodules.TreasureIslandDataModule"},
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                     "init_args": {"save_dir": "runs", "name": "default"},
@@ -55,8 +66,14 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> SmarterCLI:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``smarter`` console command."""
     quiet_known_warnings()
+    argv = sys.argv[1:] if args is None else args
     try:
-        build_cli(args)
+        if argv and argv[0] == "compare":
+            from smarter.study import compare_main
+
+            compare_main(argv[1:])
+            return
+        build_cli(argv)
     except ConfigError as error:
         print(f"smarter: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

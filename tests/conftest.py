@@ -33,9 +33,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 def isolated_environment(tmp_path_factory: pytest.TempPathFactory):
     """One cache folder per test session (preset weights are written once), no network."""
     cache = tmp_path_factory.mktemp("smarter-cache")
-    saved = {
-        key: os.environ.get(key) for key in ("SMARTER_CACHE_DIR", "TREASURE_ISLAND_PATH", "HF_HUB_OFFLINE")
-    }
+    saved = {key: os.environ.get(key) for key in ("SMARTER_CACHE_DIR", "TREASURE_ISLAND_PATH", "HF_HUB_OFFLINE")}
     os.environ["SMARTER_CACHE_DIR"] = str(cache)
     os.environ["HF_HUB_OFFLINE"] = "1"
     if BOOK is not None:

@@ -22,9 +22,7 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     (event_file,) = log_dir.rglob("events.out.tfevents.*")
     accumulator = EventAccumulator(str(event_file.parent))
     accumulator.Reload()
-    return {
-        tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]
-    }
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
 def test_the_shipped_configs_are_the_expected_ones():
@@ -122,8 +120,7 @@ def test_config_error_is_one_line_with_the_fix_and_no_traceback(tmp_path, book_p
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("smarter: error:")]
     assert errors == [
-        "smarter: error: data.block_size=4096 exceeds the model's maximum positions (2048); "
-        "lower data.block_size."
+        "smarter: error: data.block_size=4096 exceeds the model's maximum positions (2048); lower data.block_size."
     ]
     assert "Traceback" not in result.stderr
 

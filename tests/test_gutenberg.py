@@ -81,9 +81,7 @@ def test_binary_file_is_refused(tmp_path):
 
 def test_missing_book_without_network_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.delenv("TREASURE_ISLAND_PATH", raising=False)
-    datamodule = TreasureIslandDataModule(
-        cache_dir=str(tmp_path), download_url="http://127.0.0.1:9/pg120.txt"
-    )
+    datamodule = TreasureIslandDataModule(cache_dir=str(tmp_path), download_url="http://127.0.0.1:9/pg120.txt")
     with pytest.raises(BookUnavailableError, match="TREASURE_ISLAND_PATH"):
         datamodule.prepare_data()
     assert not any(tmp_path.rglob("*.partial")), "a failed download must leave no partial file"

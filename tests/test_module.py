@@ -69,9 +69,7 @@ def test_block_size_above_max_positions_is_refused_before_weights_load(book_path
         lambda *a, **k: pytest.fail("weights loaded before the block size was checked"),
     )
     module = MistralModule(source="tiny", preset_overrides={"max_position_embeddings": 128})
-    with pytest.raises(
-        ConfigError, match=r"data.block_size=256 exceeds the model's maximum positions \(128\)"
-    ):
+    with pytest.raises(ConfigError, match=r"data.block_size=256 exceeds the model's maximum positions \(128\)"):
         _trainer().validate(module, datamodule=TreasureIslandDataModule(block_size=256))
 
 
@@ -122,7 +120,5 @@ def test_lora_checkpoints_hold_only_adapter_weights(book_path, tmp_path):
     assert len(state) == 28
     resumed = MistralModule(source="tiny", dtype="float32", lora=LoraSettings(r=4, alpha=8))
     resumed_trainer = _trainer(max_steps=3, limit_val_batches=0, default_root_dir=str(tmp_path))
-    resumed_trainer.fit(
-        resumed, datamodule=TreasureIslandDataModule(block_size=64, batch_size=2), ckpt_path=path
-    )
+    resumed_trainer.fit(resumed, datamodule=TreasureIslandDataModule(block_size=64, batch_size=2), ckpt_path=path)
     assert resumed_trainer.global_step == 3

@@ -1,0 +1,49 @@
+"""Writes each ``predict`` result as one JSON line, as soon as it is generated."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from smarter.errors import ConfigError
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class JsonlPredictionWriter(BasePredictionWriter):
+    """Append predictions to a JSON Lines file (prompt, completion, timings) after every batch.
+
+    Args:
+        output_path: File to write; unset means ``<log dir>/predictions.jsonl``. An existing file
+            is never overwritten: the run stops before predicting, saying so.
+    """
+
+    def __init__(self, output_path: str | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.output_path = output_path
+        self.path: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        path = Path(self.output_path) if self.output_path else Path(trainer.log_dir or ".") / "predictions.jsonl"
+        if path.exists():
+            raise ConfigError(f"{path} already exists; choose another output_path or move the old file away.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        if self.path is None or not trainer.is_global_zero:
+            return
+        record = {k: _json_safe(v) for k, v in prediction.items() if k not in ("generated_tokens", "samples")}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -1,0 +1,140 @@
+"""``smarter predict``: prompts, the timed decode loop, and the JSONL it writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_cli import scalars
+
+from conftest import REPO_ROOT
+from datamodules.prompts import instruction_text, read_prompts_file
+from lightning_modules import ModelSpec, load_causal_lm
+from lightning_modules.generation import GenerationSettings, generate_timed
+from smarter.cli import main
+from smarter.errors import ConfigError
+
+TINY = str(REPO_ROOT / "configs/tiny.yaml")
+TIMING_FIELDS = {
+    "prompt",
+    "completion",
+    "prompt_tokens",
+    "new_tokens",
+    "ttft_ms",
+    "decode_tokens_per_s",
+    "total_latency_ms",
+}
+
+
+def test_greedy_decode_loop_matches_transformers_generate(tiny_spec_kwargs):
+    model = load_causal_lm(ModelSpec(**tiny_spec_kwargs)).eval()
+    prompt = torch.randint(3, 32000, (1, 12))
+    ours = generate_timed(model, prompt, GenerationSettings(max_new_tokens=20))
+    reference = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        do_sample=False,
+        max_new_tokens=20,
+        min_new_tokens=20,
+        pad_token_id=2,
+    )
+    assert ours.new_tokens == reference[0, 12:].tolist()
+    assert 0 < ours.ttft_s < ours.total_s
+
+
+def test_sampling_is_seeded(tiny_spec_kwargs):
+    model = load_causal_lm(ModelSpec(**tiny_spec_kwargs)).eval()
+    prompt = torch.randint(3, 32000, (1, 8))
+    settings = GenerationSettings(max_new_tokens=12, do_sample=True, temperature=1.5, top_p=0.9)
+    first = generate_timed(model, prompt, settings, sample_seed=7).new_tokens
+    assert first == generate_timed(model, prompt, settings, sample_seed=7).new_tokens
+    assert first != generate_timed(model, prompt, settings, sample_seed=8).new_tokens
+
+
+def test_predict_writes_jsonl_with_timings_and_perf_scalars(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Who is Ben Gunn?\n\nWhere is the treasure?\nWho keeps the map?\n")
+    trace = tmp_path / "trace.yaml"
+    trace.write_text(
+        "trainer:\n  callbacks+:\n    - class_path: callbacks.KernelTraceCallback\n"
+        "      init_args: {wait: 0, warmup: 0, active: 1, stages: [predict]}\n"
+    )
+    throughput = str(REPO_ROOT / "configs/callbacks/throughput.yaml")
+    args = f"predict -c {TINY} -c {throughput} -c {trace} --data.prompts_file {prompts}"
+    main([*args.split(), "--model.generation.max_new_tokens", "8", "--trainer.enable_progress_bar", "false"])
+    run = next((tmp_path / "runs" / "tiny").glob("version_*"))
+    records = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["Who is Ben Gunn?", "Where is the treasure?", "Who keeps the map?"]
+    for record in records:
+        assert set(record) >= TIMING_FIELDS
+        assert record["new_tokens"] == 8 and record["total_latency_ms"] > record["ttft_ms"] > 0
+        assert isinstance(record["completion"], str)
+    assert (run / "kernel_trace" / "predict-cycle1.kernel_summary.json").is_file()
+    assert "perf/predict/tokens_per_s" in scalars(run)
+
+
+def test_predict_refuses_to_overwrite_predictions(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    existing = tmp_path / "out.jsonl"
+    existing.write_text('{"keep": "me"}\n')
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "predict",
+                "-c",
+                TINY,
+                "--trainer.callbacks+=callbacks.JsonlPredictionWriter",
+                "--trainer.callbacks.output_path",
+                str(existing),
+                "--trainer.enable_progress_bar",
+                "false",
+            ]
+        )
+    assert existing.read_text() == '{"keep": "me"}\n'
+
+
+def test_a_subclass_that_changes_attention_runs_through_predict(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(
+        [
+            "predict",
+            "-c",
+            TINY,
+            "--model",
+            "lightning_modules.attention_variants.PinnedSdpaModule",
+            "--model.sdpa_backend",
+            "math",
+            "--model.generation.max_new_tokens",
+            "4",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    (predictions,) = (tmp_path / "runs").rglob("predictions.jsonl")
+    assert len(predictions.read_text().splitlines()) == 4
+
+
+def test_prompt_files(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ConfigError, match="holds no prompt"):
+        read_prompts_file(str(empty))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt key"}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:1 is not a JSON object with a 'prompt' field"):
+        read_prompts_file(str(bad))
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "Hello"}\n{"prompt": "Ahoy"}\n')
+    assert read_prompts_file(str(good)) == ["Hello", "Ahoy"]
+    with pytest.raises(ConfigError, match="is not a file"):
+        read_prompts_file(str(tmp_path / "missing.txt"))
+    assert instruction_text("  Hi ") == "[INST] Hi [/INST]"
+
+
+def test_bad_generation_settings_are_refused():
+    with pytest.raises(ConfigError, match="max_new_tokens must be >= 1"):
+        GenerationSettings(max_new_tokens=0)
+    with pytest.raises(ConfigError, match="top_p must be in"):
+        GenerationSettings(top_p=0)

@@ -1,8 +1,9 @@
 """Turning torch.profiler events into a kernel summary: per kernel, per aten operator, per step.
 
-On a GPU, "kernels" are the device kernels (and memcpy/memset) each operator launched, and device
-time is their duration. On a CPU-only run the CPU is the device: each aten operator's self CPU time
-is the work it did itself, so the kernel table is the aten operators by self CPU time. Every figure
+Operators are dispatcher ops (``aten::mm``, ``bitsandbytes::gemv_4bit``...). On a GPU, "kernels" are
+the device kernels (and memcpy/memset) each operator launched, and device time is their duration. On a
+CPU-only run the CPU is the device: each operator's self CPU time is the work it did itself, so the
+kernel table is the operators by self CPU time. Every figure
 is a self time, so nothing is counted twice.
 """
 
@@ -38,6 +39,12 @@ def _self_device_us(event) -> float:
     return float(value or 0.0)
 
 
+def _is_operator(event) -> bool:
+    """A dispatcher operator (``aten::mm``, ``bitsandbytes::gemv_4bit``...), not a user range."""
+    name = event.name
+    return "::" in name and not name.startswith(("ProfilerStep", "[")) and " " not in name
+
+
 def _is_step_marker(event) -> bool:
     return event.name.startswith("ProfilerStep")
 
@@ -68,8 +75,8 @@ def summarize_profile(events, on_gpu: bool, top_k: int = 25) -> dict:
 
     operators: dict[str, _Row] = defaultdict(_Row)
     kernels: dict[str, _Row] = defaultdict(_Row)
-    aten_events = [e for e in cpu_events if e.name.startswith("aten::")]
-    for event in aten_events:
+    op_events = [e for e in cpu_events if _is_operator(e)]
+    for event in op_events:
         row = operators[event.name]
         row.calls += 1
         row.self_cpu_us += float(event.self_cpu_time_total)
@@ -84,7 +91,7 @@ def summarize_profile(events, on_gpu: bool, top_k: int = 25) -> dict:
                 if step is not None:
                     step.device_us += float(kernel.duration)
                     step.kernels += 1
-        elif event.name.startswith("aten::"):
+        elif _is_operator(event):
             row = kernels[event.name]
             row.calls += 1
             row.self_device_us += float(event.self_cpu_time_total)
@@ -120,7 +127,7 @@ def summarize_profile(events, on_gpu: bool, top_k: int = 25) -> dict:
     ]
     return {
         "device_kind": "cuda" if on_gpu else "cpu",
-        "kernel_meaning": ("device kernels" if on_gpu else "aten operators by self CPU time (CPU is the device)"),
+        "kernel_meaning": ("device kernels" if on_gpu else "operators by self CPU time (CPU is the device)"),
         "kernels": table(kernels),
         "operators": table(operators),
         "steps": step_rows,
@@ -142,7 +149,7 @@ def summarize_profile(events, on_gpu: bool, top_k: int = 25) -> dict:
 def format_top_table(summary: dict, rows: int = 15) -> str:
     """A plain-text table of the top kernels and operators."""
     lines = []
-    for title, key in (("Top kernels", "kernels"), ("Top aten operators (self device time)", "operators")):
+    for title, key in (("Top kernels", "kernels"), ("Top operators (self device time)", "operators")):
         lines.append(f"{title} ({summary['device_kind']}):")
         lines.append(f"{'self ms':>10} {'share':>7} {'calls':>7} {'mean ms':>9}  name")
         for row in summary[key][:rows]:

@@ -218,6 +218,14 @@ def disable_bnb_cpu_weight_repacking(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def prepare_preset_weights(spec: ModelSpec, device: torch.device | str = "cpu") -> Path | None:
+    """Write a preset's random weights once (a one-time cost kept out of load timings)."""
+    if not spec.is_preset:
+        return None
+    config = validate_model_spec(spec)
+    return preset_weights_folder(config, spec.preset_seed, cache_root(spec), torch.device(device))
+
+
 def load_causal_lm(spec: ModelSpec, device: torch.device | str = "cpu"):
     """Build the model a spec describes, weights loaded straight onto ``device``.
 

@@ -83,9 +83,62 @@ def parse_variant(cli_args: list[str]):
         raise ConfigError(" | ".join(errors)[-1500:] or "the variant's configuration was rejected") from None
 
 
+def compare_decoders(
+    model, prompt: torch.Tensor, new_tokens: int, repeats: int, eos_id: int, with_hf: bool = True, warmup: int = 2
+) -> dict[str, float]:
+    """Batch-1 greedy decode timings of our loop and, interleaved, of transformers' ``generate``.
+
+    The two alternate (and swap order every round), so clock ramps and drift hit both alike.
+    """
+    from lightning_modules.generation import GenerationSettings, generate_timed
+
+    settings = GenerationSettings(max_new_tokens=new_tokens, stop_at_eos=False)
+    device = prompt.device
+
+    def ours():
+        return generate_timed(model, prompt, settings)
+
+    def hf() -> float:
+        _sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=eos_id,
+            )
+        _sync(device)
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        ours()
+        if with_hf:
+            hf()
+    runs, hf_times = [], []
+    for round_index in range(repeats):
+        if with_hf and round_index % 2:
+            hf_times.append(hf())
+        runs.append(ours())
+        if with_hf and not round_index % 2:
+            hf_times.append(hf())
+    result = {
+        "ttft_ms": 1000 * statistics.median(r.ttft_s for r in runs),
+        "decode_tokens_per_s": statistics.median(r.decode_tokens_per_s for r in runs),
+        "generate_latency_ms": 1000 * statistics.median(r.total_s for r in runs),
+    }
+    result["our_generate_tokens_per_s"] = new_tokens / (result["generate_latency_ms"] / 1000)
+    if with_hf:
+        result["hf_generate_latency_ms"] = 1000 * statistics.median(hf_times)
+        result["hf_generate_tokens_per_s"] = new_tokens / statistics.median(hf_times)
+    return result
+
+
 def probe(args: argparse.Namespace) -> dict[str, Any]:
     from callbacks import KernelTraceCallback, ThroughputMemoryCallback
-    from lightning_modules.generation import GenerationSettings, generate_timed
+    from lightning_modules.model_building import prepare_preset_weights
     from smarter.cli import quiet_known_warnings
 
     quiet_known_warnings()
@@ -115,7 +168,8 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
         "model": module.spec.describe(),
     }
 
-    # -- load ------------------------------------------------------------------------------
+    # -- load (a preset's one-time weight write happens first, untimed) ------------------------
+    prepare_preset_weights(module.spec, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
@@ -127,7 +181,52 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         result["weights_allocated_gib"] = torch.cuda.memory_allocated(device) / GIB
 
-    # -- held-out quality, eval throughput and kernels (one validate run) ---------------------
+    if datamodule.tokenizer_name == "auto":  # not attached to a Trainer yet: take the model's own
+        datamodule.tokenizer_name = module.tokenizer_source
+    datamodule.setup("validate")
+    model = module.model
+    val = datamodule.datasets["val"]
+
+    # -- prefill -----------------------------------------------------------------------------
+    from transformers import DynamicCache
+
+    prefill_ids = val.tensors["input_ids"][0][: args.prefill_tokens][None].to(device)  # (1, prefill_tokens)
+
+    def prefill() -> None:
+        with torch.inference_mode():
+            model(input_ids=prefill_ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+
+    prefill_s = _median_time(prefill, device, warmup=2, repeats=args.repeats)
+    result["prefill_tokens"] = int(prefill_ids.shape[1])
+    result["prefill_ms"] = 1000 * prefill_s
+    result["prefill_tokens_per_s"] = prefill_ids.shape[1] / prefill_s
+
+    # -- batch-1 greedy decode: ours, and transformers' generate on the same model, interleaved ----
+    prompt = datamodule.prompt_items()[0]["input_ids"][None].to(device)  # (1, prompt_len)
+    timings = compare_decoders(
+        model, prompt, args.new_tokens, args.repeats, module.tokenizer.eos_id, with_hf=args.hf_baseline
+    )
+    result["decode_new_tokens"] = args.new_tokens
+    result.update(timings)
+
+    # -- quality versus the reference variant --------------------------------------------------
+    log_probs, labels = scored_log_probs(model, val, args.kl_tokens, device)
+    result["kl_tokens"] = int(labels.numel())
+    if args.is_reference:
+        torch.save({"log_probs": log_probs.half(), "labels": labels}, args.reference_file)
+        reference = log_probs.half().float()
+    elif args.reference_file and Path(args.reference_file).is_file():
+        saved = torch.load(args.reference_file, weights_only=True)
+        if not torch.equal(saved["labels"], labels):
+            raise RuntimeError("the reference scored different tokens; give every variant the same data settings")
+        reference = saved["log_probs"].float()
+    else:
+        reference = None
+    if reference is not None:
+        result.update(compare_distributions(reference, log_probs.half().float()))
+
+    # -- held-out quality, eval throughput and kernels: last, since Lightning's teardown moves the
+    #    module back to the CPU when validate ends ------------------------------------------------
     meter = ThroughputMemoryCallback(warmup_steps=1)
     tracer = KernelTraceCallback(wait=0, warmup=1, active=3, stages=["validate"], output_dir=args.trace_dir)
     trainer.callbacks.extend([meter, tracer])
@@ -152,67 +251,6 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
             }
             for k in summary["kernels"][:10]
         ]
-
-    model = module.model
-    val = datamodule.datasets["val"]
-
-    # -- prefill -----------------------------------------------------------------------------
-    from transformers import DynamicCache
-
-    prefill_ids = val.tensors["input_ids"][0][: args.prefill_tokens][None].to(device)  # (1, prefill_tokens)
-
-    def prefill() -> None:
-        with torch.inference_mode():
-            model(input_ids=prefill_ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-
-    prefill_s = _median_time(prefill, device, warmup=2, repeats=args.repeats)
-    result["prefill_tokens"] = int(prefill_ids.shape[1])
-    result["prefill_ms"] = 1000 * prefill_s
-    result["prefill_tokens_per_s"] = prefill_ids.shape[1] / prefill_s
-
-    # -- batch-1 greedy decode: ours, and transformers' generate on the same model ------------
-    prompt = datamodule.prompt_items()[0]["input_ids"][None].to(device)  # (1, prompt_len)
-    settings = GenerationSettings(max_new_tokens=args.new_tokens, stop_at_eos=False)
-    generate_timed(model, prompt, settings)  # warm-up
-    runs = [generate_timed(model, prompt, settings) for _ in range(args.repeats)]
-    result["decode_new_tokens"] = args.new_tokens
-    result["ttft_ms"] = 1000 * statistics.median(r.ttft_s for r in runs)
-    result["decode_tokens_per_s"] = statistics.median(r.decode_tokens_per_s for r in runs)
-    result["generate_latency_ms"] = 1000 * statistics.median(r.total_s for r in runs)
-    if args.hf_baseline:
-        eos = module.tokenizer.eos_id
-
-        def hf_generate() -> None:
-            with torch.inference_mode():
-                model.generate(
-                    input_ids=prompt,
-                    attention_mask=torch.ones_like(prompt),
-                    do_sample=False,
-                    max_new_tokens=args.new_tokens,
-                    min_new_tokens=args.new_tokens,
-                    pad_token_id=eos,
-                )
-
-        hf_s = _median_time(hf_generate, device, warmup=1, repeats=args.repeats)
-        result["hf_generate_latency_ms"] = 1000 * hf_s
-        result["hf_generate_tokens_per_s"] = args.new_tokens / hf_s
-        result["our_generate_tokens_per_s"] = args.new_tokens / (result["generate_latency_ms"] / 1000)
-
-    # -- quality versus the reference variant --------------------------------------------------
-    log_probs, labels = scored_log_probs(model, val, args.kl_tokens, device)
-    result["kl_tokens"] = int(labels.numel())
-    if args.is_reference:
-        torch.save({"log_probs": log_probs.half(), "labels": labels}, args.reference_file)
-        reference = log_probs.half().float()
-    elif args.reference_file and Path(args.reference_file).is_file():
-        saved = torch.load(args.reference_file, weights_only=True)
-        if not torch.equal(saved["labels"], labels):
-            raise RuntimeError("the reference scored different tokens; give every variant the same data settings")
-        reference = saved["log_probs"].float()
-    else:
-        reference = None
-    if reference is not None:
-        result.update(compare_distributions(reference, log_probs.half().float()))
 
     if device.type == "cuda":
         result["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / GIB

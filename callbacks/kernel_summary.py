@@ -49,13 +49,15 @@ def _is_step_marker(event) -> bool:
     return event.name.startswith("ProfilerStep")
 
 
-def summarize_profile(events, on_gpu: bool, top_k: int = 25) -> dict:
+def summarize_profile(events, on_gpu: bool, top_k: int = 25, drop_last_step: bool = False) -> dict:
     """Summarize one active profiler cycle.
 
     Args:
         events: ``profiler.events()`` of the cycle (``FunctionEvent`` list).
         on_gpu: Whether a CUDA activity was recorded (decides what a kernel is).
         top_k: Rows kept in each table (totals always cover every row).
+        drop_last_step: Leave out the last step and everything from its start on (a step that the
+            profiler's ``stop()`` closed, after the stage's last batch, holds no batch).
 
     Returns:
         A JSON-friendly dict with ``kernels``, ``operators``, ``steps`` and ``totals``.
@@ -65,6 +67,9 @@ def summarize_profile(events, on_gpu: bool, top_k: int = 25) -> dict:
         (_Step(e.name, e.time_range.start, e.time_range.end) for e in cpu_events if _is_step_marker(e)),
         key=lambda s: s.start_us,
     )
+    if drop_last_step and steps:
+        cutoff = steps.pop().start_us
+        cpu_events = [e for e in cpu_events if e.time_range.start < cutoff]
     starts = [s.start_us for s in steps]
 
     def step_of(event) -> _Step | None:

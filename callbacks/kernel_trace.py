@@ -130,10 +130,17 @@ class KernelTraceCallback(Callback):
         self._out: Path | None = None
         self._meta: dict[str, Any] = {}
         self._trainer: L.Trainer | None = None
+        self._plan = (wait, warmup, active, repeat)
+        self._stopped_early = False
 
     @property
     def steps_per_run(self) -> int:
         return (self.wait + self.warmup + self.active) * self.repeat
+
+    @property
+    def _planned_steps(self) -> int:
+        wait, warmup, active, repeat = self._plan
+        return (wait + warmup + active) * repeat
 
     # ---- setup ---------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -177,23 +184,38 @@ class KernelTraceCallback(Callback):
         return float(sum(counts)) if isinstance(counts, list) else float(counts)
 
     # ---- profiling -----------------------------------------------------------------------
+    def fit_schedule(self, available: float) -> tuple[int, int, int, int]:
+        """(wait, warmup, active, repeat), shrunk to fit a stage of ``available`` batches."""
+        if available >= self.steps_per_run:
+            return self.wait, self.warmup, self.active, self.repeat
+        batches = max(int(available), 1)
+        active = max(1, min(self.active, batches - 1 if batches > 1 else 1))  # keep one warm-up if possible
+        warmup = min(self.warmup, batches - active)
+        wait = min(self.wait, batches - active - warmup)
+        return wait, warmup, active, 1
+
     def _start(self, stage: str, trainer: L.Trainer) -> None:
         available = self._available_batches(stage, trainer)
-        if available < self.steps_per_run:
+        self._plan = self.fit_schedule(available)
+        if self._plan != (self.wait, self.warmup, self.active, self.repeat):
+            wait, warmup, active, repeat = self._plan
             warnings.warn(
                 f"Kernel trace: the {stage} run has {available:g} batches but the schedule needs "
-                f"wait+warmup+active={self.wait + self.warmup + self.active} per cycle x {self.repeat}; "
-                "the last window will be cut short. Lower active/repeat or raise the batch limit.",
+                f"(wait {self.wait} + warmup {self.warmup} + active {self.active}) x {self.repeat} = "
+                f"{self.steps_per_run}; shrunk to wait {wait}, warmup {warmup}, active {active}, repeat {repeat}. "
+                "Raise the batch limit or lower the schedule to choose yourself.",
                 stacklevel=2,
             )
+        wait, warmup, active, repeat = self._plan
         activities = [ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(ProfilerActivity.CUDA)
         self._stage = stage
         self._cycle = 0
+        self._stopped_early = False
         self._profiler = profile(
             activities=activities,
-            schedule=schedule(wait=self.wait, warmup=self.warmup, active=self.active, repeat=self.repeat),
+            schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=repeat),
             on_trace_ready=self._on_trace_ready,
             record_shapes=self.record_shapes,
             profile_memory=self.profile_memory,
@@ -207,13 +229,18 @@ class KernelTraceCallback(Callback):
             name = f"{self._stage}-cycle{self._cycle}"
             prof.export_chrome_trace(str(self._out / f"{name}.pt.trace.json.gz"))
             on_gpu = any(a == ProfilerActivity.CUDA for a in prof.activities)
-            summary = summarize_profile(prof.events(), on_gpu=on_gpu, top_k=self.top_k)
+            summary = summarize_profile(
+                prof.events(), on_gpu=on_gpu, top_k=self.top_k, drop_last_step=self._stopped_early
+            )
+            if not summary["steps"]:
+                raise RuntimeError("the cycle recorded no complete batch")
             summary["metadata"] = {
                 **self._meta,
                 "stage": self._stage,
                 "cycle": self._cycle,
                 "batch_shape": self._batch_shape,
-                "schedule": {
+                "schedule": dict(zip(("wait", "warmup", "active", "repeat"), self._plan, strict=True)),
+                "requested_schedule": {
                     "wait": self.wait,
                     "warmup": self.warmup,
                     "active": self.active,
@@ -231,7 +258,8 @@ class KernelTraceCallback(Callback):
         trainer = self._trainer
         if trainer is None or not trainer.loggers:
             return
-        first = (self._cycle - 1) * (self.wait + self.warmup + self.active) + self.wait + self.warmup
+        wait, warmup, active, _ = self._plan
+        first = (self._cycle - 1) * (wait + warmup + active) + wait + warmup
         for offset, step in enumerate(summary["steps"]):
             metrics = {
                 f"prof/{self._stage}/{key}": float(step[key])
@@ -256,7 +284,7 @@ class KernelTraceCallback(Callback):
             return
         try:
             self._profiler.step()  # may write a cycle, and switch tracing off if that fails
-            if self._profiler is not None and self._profiler.step_num >= self.steps_per_run:
+            if self._profiler is not None and self._profiler.step_num >= self._planned_steps:
                 self._finish(stage)
         except Exception as error:
             self._disable(f"profiling the {stage} step failed ({error!r})")
@@ -266,12 +294,14 @@ class KernelTraceCallback(Callback):
             return
         profiler, self._profiler = self._profiler, None
         self._profiled_stages.add(stage)
-        cut_short = profiler.step_num < self.steps_per_run
+        cut_short = profiler.step_num < self._planned_steps
+        # the step stop() closes began after the last batch ended: it holds no batch
+        self._stopped_early = cut_short
         profiler.stop()
-        if cut_short and self._cycle < self.repeat:
+        if cut_short:
             warnings.warn(
                 f"Kernel trace: the {stage} run ended after {profiler.step_num} profiled batches, "
-                f"before the schedule's {self.steps_per_run}; {self._cycle} cycle(s) written.",
+                f"before the schedule's {self._planned_steps}; {self._cycle} cycle(s) written.",
                 stacklevel=2,
             )
 

@@ -112,12 +112,28 @@ def _trainer(tmp_path: Path, callbacks: list, **kwargs) -> L.Trainer:
     )
 
 
-def test_window_longer_than_the_run_warns_and_still_writes_what_it_has(tmp_path, book_path):
-    trace = KernelTraceCallback(wait=0, warmup=1, active=10, output_dir=str(tmp_path / "trace"))
-    with pytest.warns(UserWarning, match="the validate run has 3 batches but the schedule needs"):
+def test_window_longer_than_the_run_is_shrunk_to_fit_and_traces_real_batches(tmp_path, book_path):
+    trace = KernelTraceCallback(wait=1, warmup=2, active=10, output_dir=str(tmp_path / "trace"))
+    with pytest.warns(UserWarning, match="the validate run has 3 batches.*shrunk to wait 0, warmup 1, active 2"):
         _trainer(tmp_path, [trace], limit_val_batches=3).validate(
             MistralModule(source="tiny", dtype="float32"), datamodule=TreasureIslandDataModule(block_size=64)
         )
+    (summary,) = trace.summaries
+    assert [step["kernel_count"] for step in summary["steps"]] == [summary["steps"][0]["kernel_count"]] * 2
+    assert summary["steps"][0]["kernel_count"] > 100  # a whole forward pass, not the epoch-end tail
+    assert summary["metadata"]["schedule"] == {"wait": 0, "warmup": 1, "active": 2, "repeat": 1}
+
+
+def test_a_run_that_ends_early_never_reports_the_empty_tail_as_a_step(tmp_path, book_path, monkeypatch):
+    trace = KernelTraceCallback(wait=0, warmup=1, active=5, output_dir=str(tmp_path / "trace"))
+    monkeypatch.setattr(KernelTraceCallback, "_available_batches", lambda *a: float("inf"))  # a wrong estimate
+    with pytest.warns(UserWarning, match="ended after 3 profiled batches"):
+        _trainer(tmp_path, [trace], limit_val_batches=3).validate(
+            MistralModule(source="tiny", dtype="float32"), datamodule=TreasureIslandDataModule(block_size=64)
+        )
+    (summary,) = trace.summaries
+    assert len(summary["steps"]) == 2  # batches 2 and 3; the tail after batch 3 is left out
+    assert all(step["kernel_count"] > 100 for step in summary["steps"])
 
 
 def test_unwritable_output_folder_switches_tracing_off_and_the_run_continues(tmp_path, book_path):

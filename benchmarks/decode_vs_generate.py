@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from smarter.cli import build_cli, quiet_known_warnings
+from smarter.cli import HEADLESS_TRAINER_ARGS, build_cli, quiet_known_warnings
 from smarter.variant_probe import compare_decoders
 
 
@@ -24,7 +24,7 @@ def main() -> None:
     args, overrides = parser.parse_known_args()  # the rest are CLI overrides, e.g. --model.source tiny
     args.overrides = overrides
     quiet_known_warnings()
-    cli = build_cli(["-c", args.config, "--trainer.logger", "false", *args.overrides], run=False)
+    cli = build_cli(["-c", args.config, *HEADLESS_TRAINER_ARGS, *args.overrides], run=False)
     module, datamodule = cli.model, cli.datamodule
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module.model = module.build_model(device).eval()

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from callbacks import KernelTraceCallback
-from smarter.cli import build_cli, quiet_known_warnings
+from smarter.cli import HEADLESS_TRAINER_ARGS, build_cli, quiet_known_warnings
 
 
 class StepTimer(Callback):
@@ -53,19 +53,7 @@ def main() -> None:
     # many held-out chapters, so a round has enough batches
     chapters = "[" + ",".join(str(n) for n in range(1, 21)) + "]"
     cli = build_cli(
-        [
-            "-c",
-            args.config,
-            "--data.val_chapters",
-            chapters,
-            "--trainer.logger",
-            "false",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.enable_model_summary",
-            "false",
-            *args.overrides,
-        ],
+        ["-c", args.config, "--data.val_chapters", chapters, *HEADLESS_TRAINER_ARGS, *args.overrides],
         run=False,
     )
     module, datamodule = cli.model, cli.datamodule

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -47,7 +47,6 @@ class StageCounters:
     samples: int = 0
     seconds: float = 0.0
     flops: float = 0.0
-    step_times: list[float] = field(default_factory=list)
 
 
 class ThroughputMemoryCallback(Callback):

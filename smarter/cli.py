@@ -13,6 +13,13 @@ from datamodules.treasure_island import TreasureIslandDataModule
 from lightning_modules.mistral_module import MistralModule
 from smarter.errors import ConfigError
 
+# Trainer overrides for programmatic runs (study probe, benchmarks): no logger, bar or summary.
+HEADLESS_TRAINER_ARGS = [
+    "--trainer.logger=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
 
 class SmarterCLI(LightningCLI):
     """LightningCLI with this framework's defaults (TensorBoard logs under ``runs/``).

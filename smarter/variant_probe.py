@@ -139,22 +139,10 @@ def compare_decoders(
 def probe(args: argparse.Namespace) -> dict[str, Any]:
     from callbacks import KernelTraceCallback, ThroughputMemoryCallback
     from lightning_modules.model_building import prepare_preset_weights
-    from smarter.cli import quiet_known_warnings
+    from smarter.cli import HEADLESS_TRAINER_ARGS, quiet_known_warnings
 
     quiet_known_warnings()
-    cli_args = [
-        "-c",
-        args.config,
-        *args.overrides,
-        "--trainer.logger",
-        "false",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        "--trainer.enable_checkpointing",
-        "false",
-    ]
+    cli_args = ["-c", args.config, *args.overrides, *HEADLESS_TRAINER_ARGS, "--trainer.enable_checkpointing=false"]
     if args.prompts_file:
         cli_args += ["--data.prompts_file", args.prompts_file]
     cli = parse_variant(cli_args)

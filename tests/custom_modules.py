@@ -27,3 +27,10 @@ class ZLossMistralModule(MistralModule):
         self.log("train/z_loss", z_loss)
         self.z_loss_steps += 1
         return loss + z_loss
+
+
+class OutOfMemoryMistralModule(MistralModule):
+    """Fails to build its model the way a too-large variant does on a full GPU."""
+
+    def build_model(self, device: torch.device) -> torch.nn.Module:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 28.00 GiB")

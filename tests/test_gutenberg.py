@@ -100,3 +100,41 @@ def test_download_is_used_from_the_cache_once_present(tmp_path, monkeypatch, boo
     datamodule.prepare_data()  # no download attempted: the cached copy is there
     datamodule.setup("fit")
     assert len(datamodule.datasets["train"]) > 0
+
+
+def test_book_is_downloaded_once_into_the_cache_and_cleaned(tmp_path, monkeypatch, book_path):
+    """A loopback HTTP server stands in for Project Gutenberg."""
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "site"
+    served.mkdir()
+    header = "The Project Gutenberg eBook of Treasure Island\r\nLicence text.\r\n"
+    footer = "\r\nEnd of licence.\r\n"
+    (served / "pg120.txt").write_bytes(header.encode() + book_path.read_bytes() + footer.encode())
+    requests: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            requests.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.delenv("TREASURE_ISLAND_PATH", raising=False)
+        url = f"http://127.0.0.1:{server.server_address[1]}/pg120.txt"
+        cache = tmp_path / "cache"
+        first = TreasureIslandDataModule(cache_dir=str(cache), download_url=url)
+        first.prepare_data()
+        first.prepare_data()  # already there: no second download
+        assert len(requests) == 1
+        first.setup("fit")
+        assert (cache / "pg120.txt").read_bytes().startswith(header.encode())
+        assert not any(cache.glob("*.partial"))
+        chapters = first.splits.chapters
+        assert sum(len(c) for c in chapters.values()) == 34
+        assert "Licence" not in first.splits.text("train") and "licence" not in first.splits.text("test")
+    finally:
+        server.shutdown()

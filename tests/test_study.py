@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 
 import matplotlib.image
 import pytest
 
+from conftest import REPO_ROOT
 from smarter.cli import main
 from smarter.errors import ConfigError
 from smarter.study import StudySettings, run_study
@@ -74,6 +76,10 @@ def test_the_six_variant_study_on_the_tiny_preset(tmp_path, monkeypatch, book_pa
 
 def test_failed_variants_are_reported_and_the_rest_complete(tmp_path, monkeypatch, book_path):
     monkeypatch.chdir(tmp_path)
+    # variant processes import the user's own modules (here tests/custom_modules.py) like any package
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH")]))
+    )
     broken = tmp_path / "broken.yaml"
     broken.write_text("model:\n  source: tiny\n  quantization: nf4\n  dtype: float32\n")
     pinned = tmp_path / "bf16-sdpa-math.yaml"  # a variant added by subclassing: SDPA pinned to the math kernel
@@ -82,8 +88,10 @@ def test_failed_variants_are_reported_and_the_rest_complete(tmp_path, monkeypatc
         "  init_args: {sdpa_backend: math, source: mistral-7b, attention: sdpa, dtype: bfloat16}\n"
         "data: {block_size: 1024, eval_stride: 512, batch_size: 4, eval_batch_size: 4}\n"
     )
+    out_of_memory = tmp_path / "oom.yaml"
+    out_of_memory.write_text("model:\n  class_path: custom_modules.OutOfMemoryMistralModule\n")
     settings = StudySettings(
-        variants=["bf16-sdpa", str(tmp_path / "missing.yaml"), str(broken), str(pinned)],
+        variants=["bf16-sdpa", str(tmp_path / "missing.yaml"), str(broken), str(out_of_memory), str(pinned)],
         output_dir=str(tmp_path / "study"),
         new_tokens=4,
         repeats=1,
@@ -95,6 +103,8 @@ def test_failed_variants_are_reported_and_the_rest_complete(tmp_path, monkeypatc
     results = {r["variant"]: r for r in summary["results"]}
     assert results["missing"]["status"] == "failed" and "config not found" in results["missing"]["reason"]
     assert results["broken"]["status"] == "failed" and "computes in 16-bit" in results["broken"]["reason"]
+    assert results["oom"]["status"] == "failed"
+    assert results["oom"]["reason"].startswith("out of memory: CUDA out of memory. Tried to allocate 28.00 GiB")
     assert results["bf16-sdpa"]["status"] == "ok" and results["bf16-sdpa-math"]["status"] == "ok"
     assert results["bf16-sdpa-math"]["kl_vs_reference"] < 1e-3  # same model, another SDPA kernel
     report = (tmp_path / "study" / "report.md").read_text()

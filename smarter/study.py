@@ -207,6 +207,7 @@ def run_study(settings: StudySettings) -> dict[str, Any]:
             continue
         print(f"[compare] {name}: running {config}", flush=True)
         result = run_variant(name, config, settings, out)
+        result["config"] = settings.variants[index]  # as the user named it, not a machine-specific path
         status = result["status"] if result["status"] == "ok" else f"FAILED ({result.get('reason')})"
         print(f"[compare] {name}: {status}", flush=True)
         results.append(result)

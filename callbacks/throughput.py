@@ -39,8 +39,10 @@ def host_rss_gib() -> float:
 
 @dataclass
 class StageCounters:
-    """Running totals of one stage, warm-up batches excluded."""
+    """Running totals of one stage, warm-up batches excluded, and what the FLOPs count depends on."""
 
+    mode: str = "inference"
+    lora_weights: int = 0
     steps: int = 0
     seen: int = 0
     tokens: int = 0
@@ -120,7 +122,9 @@ class ThroughputMemoryCallback(Callback):
 
     # ---- stage start / end ---------------------------------------------------------------
     def _stage_start(self, stage: str, pl_module: L.LightningModule) -> None:
-        self.counters[stage] = StageCounters()
+        self.counters[stage] = StageCounters(
+            mode=self._mode(stage, pl_module), lora_weights=self._lora_weights(pl_module)
+        )
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
@@ -165,9 +169,7 @@ class ThroughputMemoryCallback(Callback):
         config = getattr(pl_module, "model_config", None)
         flops = 0.0
         if config is not None and seq_len:
-            flops = tokens * flops_per_token(
-                config, seq_len, self._mode(stage, pl_module), self._lora_weights(pl_module)
-            )
+            flops = tokens * flops_per_token(config, seq_len, counters.mode, counters.lora_weights)
         if counters.seen <= self.warmup_steps:
             return
         counters.steps += 1

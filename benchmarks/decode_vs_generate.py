@@ -12,8 +12,8 @@ import argparse
 
 import torch
 
+from lightning_modules.measurement import compare_decoders
 from smarter.cli import HEADLESS_TRAINER_ARGS, build_cli, quiet_known_warnings
-from smarter.variant_probe import compare_decoders
 
 
 def main() -> None:
@@ -28,17 +28,16 @@ def main() -> None:
     module, datamodule = cli.model, cli.datamodule
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module.model = module.build_model(device).eval()
-    datamodule.tokenizer_name = module.tokenizer_source
     prompt = datamodule.prompt_items()[0]["input_ids"][None].to(device)
     timings = compare_decoders(module.model, prompt, args.new_tokens, args.rounds, module.tokenizer.eos_id)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\nconfig {args.config} {' '.join(args.overrides)} on {device_name}, torch {torch.__version__}")
     print(f"batch 1, prompt {prompt.shape[1]} tokens, {args.new_tokens} new tokens, median of {args.rounds}:")
-    ours, hf = timings["generate_latency_ms"], timings["hf_generate_latency_ms"]
-    print(f"{'transformers generate':>22}: {hf:9.1f} ms  {timings['hf_generate_tokens_per_s']:7.1f} tok/s")
+    ours, hf = timings.generate_latency_ms, timings.hf_generate_latency_ms
+    print(f"{'transformers generate':>22}: {hf:9.1f} ms  {timings.hf_generate_tokens_per_s:7.1f} tok/s")
     print(
-        f"{'smarter decode loop':>22}: {ours:9.1f} ms  {timings['our_generate_tokens_per_s']:7.1f} tok/s"
-        f"  (TTFT {timings['ttft_ms']:.1f} ms, decode {timings['decode_tokens_per_s']:.1f} tok/s)"
+        f"{'smarter decode loop':>22}: {ours:9.1f} ms  {timings.our_generate_tokens_per_s:7.1f} tok/s"
+        f"  (TTFT {timings.ttft_ms:.1f} ms, decode {timings.decode_tokens_per_s:.1f} tok/s)"
     )
     print(f"{'speed-up':>22}: {hf / ours:9.3f}x")
 

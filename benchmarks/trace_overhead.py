@@ -12,33 +12,30 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 
-from callbacks import KernelTraceCallback
+from callbacks import KernelTraceCallback, StageCallback
+from foundation import synchronize
 from smarter.cli import HEADLESS_TRAINER_ARGS, build_cli, quiet_known_warnings
 
 
-class StepTimer(Callback):
+class StepTimer(StageCallback):
     """Wall time of each validation batch, GPU synchronized."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
         self._start = 0.0
 
-    def _sync(self, pl_module) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._sync(pl_module)
+    def on_stage_batch_start(self, stage, trainer, pl_module, batch) -> None:
+        synchronize(pl_module.device)
         self._start = time.perf_counter()
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._sync(pl_module)
+    def on_stage_batch_end(self, stage, trainer, pl_module, outputs, batch) -> None:
+        synchronize(pl_module.device)
         self.times.append(time.perf_counter() - self._start)
 
 
@@ -61,6 +58,7 @@ def main() -> None:
     module.model = module.build_model(device).eval()
     window = 0 + 1 + 3  # the traced window below: wait 0, warm-up 1, active 3
     results: dict[str, list[float]] = {"without tracing": [], "with tracing": []}
+    trace_root = tempfile.mkdtemp(prefix="trace_overhead-")
     for round_index in range(args.rounds):
         for label in ("without tracing", "with tracing"):
             timer = StepTimer()
@@ -71,8 +69,8 @@ def main() -> None:
                         wait=0,
                         warmup=1,
                         active=3,
-                        stages=["validate"],
-                        output_dir=f"/tmp/trace_overhead/round{round_index}",
+                        stages=["val"],
+                        output_dir=f"{trace_root}/round{round_index}",
                     )
                 )
             trainer = L.Trainer(

@@ -22,18 +22,15 @@ import json
 import platform
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from callbacks.kernel_summary import format_top_table, summarize_profile
-from smarter.errors import ConfigError
-
-Stage = Literal["train", "validate", "test", "predict"]
-_TRAINER_FN_TO_STAGE = {"fit": "train", "validate": "validate", "test": "test", "predict": "predict"}
+from callbacks.stage_hooks import StageCallback
+from foundation import STAGE_OF_TRAINER_FN, STAGES, ConfigError, Stage
 
 
 def library_versions() -> dict[str, str]:
@@ -74,7 +71,7 @@ def run_metadata(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, 
     return meta
 
 
-class KernelTraceCallback(Callback):
+class KernelTraceCallback(StageCallback):
     """Profile a window of batches with torch.profiler and summarize the kernels.
 
     Args:
@@ -82,7 +79,8 @@ class KernelTraceCallback(Callback):
         warmup: Batches traced but discarded (the profiler's own start-up) before each active window.
         active: Batches recorded per cycle.
         repeat: Number of cycles.
-        stages: Stages to profile; unset profiles the stage the run is for (``fit`` profiles train).
+        stages: Stages to profile (``train``, ``val``, ``test``, ``predict``); unset profiles the stage the run
+            is for (``fit`` profiles ``train``, ``validate`` profiles ``val``).
         record_shapes: Record operator input shapes.
         profile_memory: Record tensor allocations.
         with_stack: Record Python stacks (large traces).
@@ -110,9 +108,9 @@ class KernelTraceCallback(Callback):
             raise ConfigError(f"kernel trace: wait ({wait}) and warmup ({warmup}) must be >= 0.")
         if repeat < 1:
             raise ConfigError(f"kernel trace: repeat={repeat}; set repeat >= 1.")
-        unknown = sorted(set(stages or []) - set(_TRAINER_FN_TO_STAGE.values()))
+        unknown = sorted(set(stages or []) - set(STAGES))
         if unknown:
-            raise ConfigError(f"kernel trace: unknown stages {unknown}; use train, validate, test, predict.")
+            raise ConfigError(f"kernel trace: unknown stages {unknown}; use {', '.join(STAGES)}.")
         self.wait, self.warmup, self.active, self.repeat = wait, warmup, active, repeat
         self.stages = list(stages) if stages else None
         self.record_shapes = record_shapes
@@ -162,7 +160,7 @@ class KernelTraceCallback(Callback):
             return False
         if self.stages is not None:
             return stage in self.stages
-        return _TRAINER_FN_TO_STAGE.get(getattr(trainer.state.fn, "value", ""), "") == stage
+        return STAGE_OF_TRAINER_FN.get(getattr(trainer.state.fn, "value", ""), "") == stage
 
     def _disable(self, reason: str) -> None:
         warnings.warn(f"Kernel tracing switched off: {reason}. The run continues.", stacklevel=2)
@@ -177,7 +175,7 @@ class KernelTraceCallback(Callback):
             max_steps = float(trainer.max_steps) if trainer.max_steps > 0 else float("inf")
             return min(float(trainer.num_training_batches), max_steps)
         counts = {
-            "validate": trainer.num_val_batches,
+            "val": trainer.num_val_batches,
             "test": trainer.num_test_batches,
             "predict": trainer.num_predict_batches,
         }[stage]
@@ -268,7 +266,7 @@ class KernelTraceCallback(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=first + offset)
 
-    def _batch_start(self, stage: str, trainer: L.Trainer, batch: Any) -> None:
+    def on_stage_batch_start(self, stage: Stage, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
         if self._profiler is None and self._wanted(stage, trainer):
             try:
                 self._start(stage, trainer)
@@ -279,17 +277,19 @@ class KernelTraceCallback(Callback):
             if isinstance(ids, torch.Tensor):
                 self._batch_shape = list(ids.shape)
 
-    def _batch_end(self, stage: str) -> None:
+    def on_stage_batch_end(
+        self, stage: Stage, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any
+    ) -> None:
         if self._profiler is None or self._stage != stage:
             return
         try:
             self._profiler.step()  # may write a cycle, and switch tracing off if that fails
             if self._profiler is not None and self._profiler.step_num >= self._planned_steps:
-                self._finish(stage)
+                self.on_stage_end(stage, trainer, pl_module)
         except Exception as error:
             self._disable(f"profiling the {stage} step failed ({error!r})")
 
-    def _finish(self, stage: str) -> None:
+    def on_stage_end(self, stage: Stage, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._profiler is None or self._stage != stage:
             return
         profiler, self._profiler = self._profiler, None
@@ -304,40 +304,3 @@ class KernelTraceCallback(Callback):
                 f"before the schedule's {self._planned_steps}; {self._cycle} cycle(s) written.",
                 stacklevel=2,
             )
-
-    # ---- Lightning hooks -----------------------------------------------------------------
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._batch_start("train", trainer, batch)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._batch_end("train")
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._finish("train")
-
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._batch_start("validate", trainer, batch)
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._batch_end("validate")
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        self._finish("validate")
-
-    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._batch_start("test", trainer, batch)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._batch_end("test")
-
-    def on_test_end(self, trainer, pl_module) -> None:
-        self._finish("test")
-
-    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._batch_start("predict", trainer, batch)
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._batch_end("predict")
-
-    def on_predict_end(self, trainer, pl_module) -> None:
-        self._finish("predict")

@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from smarter.errors import ConfigError
+from foundation import ConfigError
 
 
 def _json_safe(value: Any) -> Any:

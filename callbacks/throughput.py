@@ -1,9 +1,11 @@
 """Throughput, MFU and memory for every stage, logged under ``perf/<stage>/...``.
 
 Each batch is timed between its start and end hooks with the GPU synchronized at both ends, so the
-time covers the whole step. Tokens are the scored ones (``labels != -100``; padding is not work
+time covers the whole step. Tokens are the scored ones (``labels != IGNORE_INDEX``; padding is not work
 done), or generated tokens for predict when the module reports them. The first ``warmup_steps``
 batches of each stage are left out of the stage totals (compilation, allocator growth, caches).
+Validation inside ``fit`` is timed as stage ``val`` too; its memory figures are left out, since the
+peak belongs to training.
 
 Lightning's ``ThroughputMonitor`` logs under its own key scheme and does not log in predict; this
 callback keeps one scheme for all four stages and also reports memory.
@@ -11,30 +13,16 @@ callback keeps one scheme for all four stages and also reports memory.
 
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from callbacks.flops import flops_per_token, peak_tflops_for
-from smarter.errors import ConfigError
-
-GIB = 1024**3
-_STAGES = {"fit": "train", "validate": "validate", "test": "test", "predict": "predict"}
-
-
-def host_rss_gib() -> float:
-    """Current resident memory of this process (Linux ``/proc``; peak RSS elsewhere)."""
-    try:
-        with open("/proc/self/statm") as statm:
-            pages = int(statm.read().split()[1])
-        return pages * resource.getpagesize() / GIB
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+from callbacks.stage_hooks import StageCallback
+from foundation import GIB, IGNORE_INDEX, ConfigError, Stage, host_rss_gib, synchronize
 
 
 @dataclass
@@ -43,6 +31,7 @@ class StageCounters:
 
     mode: str = "inference"
     lora_weights: int = 0
+    nested: bool = False
     steps: int = 0
     seen: int = 0
     tokens: int = 0
@@ -51,7 +40,7 @@ class StageCounters:
     flops: float = 0.0
 
 
-class ThroughputMemoryCallback(Callback):
+class ThroughputMemoryCallback(StageCallback):
     """Tokens/s, samples/s, model TFLOP/s and MFU, step time, and GPU / host memory per stage.
 
     Args:
@@ -77,11 +66,6 @@ class ThroughputMemoryCallback(Callback):
         self._t0: float | None = None
 
     # ---- helpers -------------------------------------------------------------------------
-    @staticmethod
-    def _sync(device: torch.device) -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def _peak(self, pl_module: L.LightningModule) -> float | None:
         if self.peak_tflops is not None:
             return self.peak_tflops
@@ -112,7 +96,7 @@ class ThroughputMemoryCallback(Callback):
         if isinstance(batch, dict) and "input_ids" in batch:
             ids = batch["input_ids"]
             labels = batch.get("labels")
-            tokens = int((labels != -100).sum()) if labels is not None else ids.numel()
+            tokens = int((labels != IGNORE_INDEX).sum()) if labels is not None else ids.numel()
             return tokens, ids.shape[0], ids.shape[-1]
         return 0, 0, 0
 
@@ -120,16 +104,17 @@ class ThroughputMemoryCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
-    # ---- stage start / end ---------------------------------------------------------------
-    def _stage_start(self, stage: str, pl_module: L.LightningModule) -> None:
+    # ---- stage hooks ---------------------------------------------------------------------
+    def on_stage_start(self, stage: Stage, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        nested = any(other != stage for other in self.counters)  # validation inside fit
         self.counters[stage] = StageCounters(
-            mode=self._mode(stage, pl_module), lora_weights=self._lora_weights(pl_module)
+            mode=self._mode(stage, pl_module), lora_weights=self._lora_weights(pl_module), nested=nested
         )
-        if pl_module.device.type == "cuda":
+        if pl_module.device.type == "cuda" and not nested:
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
-    def _stage_end(self, stage: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        counters = self.counters.get(stage)
+    def on_stage_end(self, stage: Stage, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        counters = self.counters.pop(stage, None)
         if counters is None:
             return
         result: dict[str, float] = {"host_rss_gib": host_rss_gib()}
@@ -143,24 +128,25 @@ class ThroughputMemoryCallback(Callback):
             peak = self._peak(pl_module)
             if peak:
                 result["mfu"] = result["tflops_per_s"] / peak
-        if pl_module.device.type == "cuda":
+        if pl_module.device.type == "cuda" and not counters.nested:
             result["peak_allocated_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / GIB
             result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(pl_module.device) / GIB
         result["timed_steps"] = float(counters.steps)
         self.summary[stage] = result
         self._log(trainer, {f"perf/{stage}/{k}": v for k, v in result.items()}, step=trainer.global_step)
 
-    # ---- batches -------------------------------------------------------------------------
-    def _batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
+    def on_stage_batch_start(self, stage: Stage, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
+        if stage not in self.counters:
             return
-        self._sync(pl_module.device)
+        synchronize(pl_module.device)
         self._t0 = time.perf_counter()
 
-    def _batch_end(self, stage: str, trainer, pl_module, outputs: Any, batch: Any) -> None:
-        if trainer.sanity_checking or self._t0 is None or stage not in self.counters:
+    def on_stage_batch_end(
+        self, stage: Stage, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any
+    ) -> None:
+        if self._t0 is None or stage not in self.counters:
             return
-        self._sync(pl_module.device)
+        synchronize(pl_module.device)
         elapsed = time.perf_counter() - self._t0
         self._t0 = None
         counters = self.counters[stage]
@@ -183,55 +169,3 @@ class ThroughputMemoryCallback(Callback):
                 f"perf/{stage}/step_time_ms": 1000 * elapsed,
             }
             self._log(trainer, step_metrics, step=trainer.global_step if stage == "train" else counters.seen)
-
-    # ---- Lightning hooks -----------------------------------------------------------------
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._stage_start("train", pl_module)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._batch_start(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._batch_end("train", trainer, pl_module, outputs, batch)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._stage_end("train", trainer, pl_module)
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking and trainer.state.fn == "validate":
-            self._stage_start("validate", pl_module)
-
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        if "validate" in self.counters:
-            self._batch_start(trainer, pl_module)
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._batch_end("validate", trainer, pl_module, outputs, batch)
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking and trainer.state.fn == "validate":
-            self._stage_end("validate", trainer, pl_module)
-
-    def on_test_start(self, trainer, pl_module) -> None:
-        self._stage_start("test", pl_module)
-
-    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._batch_start(trainer, pl_module)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._batch_end("test", trainer, pl_module, outputs, batch)
-
-    def on_test_end(self, trainer, pl_module) -> None:
-        self._stage_end("test", trainer, pl_module)
-
-    def on_predict_start(self, trainer, pl_module) -> None:
-        self._stage_start("predict", pl_module)
-
-    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._batch_start(trainer, pl_module)
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._batch_end("predict", trainer, pl_module, outputs, batch)
-
-    def on_predict_end(self, trainer, pl_module) -> None:
-        self._stage_end("predict", trainer, pl_module)

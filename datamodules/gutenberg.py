@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from smarter.errors import ConfigError
+from foundation import ConfigError
 
 TREASURE_ISLAND_URL = "https://www.gutenberg.org/cache/epub/120/pg120.txt"
 BOOK_PATH_ENV = "TREASURE_ISLAND_PATH"
@@ -82,6 +82,8 @@ def read_utf8_text(path: Path) -> str:
             f"{path} is not UTF-8 text (bad byte at offset {error.start}); give the "
             "'Plain Text UTF-8' edition of the book (pg120.txt)."
         ) from None
+    if not text.strip():
+        raise ConfigError(f"{path} is empty; give the book's plain text (pg120.txt).")
     if "\x00" in text:
         raise ConfigError(f"{path} holds NUL bytes, so it is not a plain-text book; give pg120.txt.")
     return text.replace("\r\n", "\n").replace("\r", "\n")
@@ -102,7 +104,10 @@ def strip_gutenberg_boilerplate(text: str) -> str:
         return text.strip()
     if end.start() < start.end():
         raise ConfigError("The Gutenberg END marker comes before the START marker; the file is damaged.")
-    return text[start.end() : end.start()].strip()
+    body = text[start.end() : end.start()].strip()
+    if not body:
+        raise ConfigError("The book holds no text between the Gutenberg START and END markers; the file is damaged.")
+    return body
 
 
 def split_into_chapters(book: str) -> list[Chapter]:

@@ -1,23 +1,21 @@
 """Turning token streams into training blocks and scored evaluation windows.
 
 Both produce ``input_ids`` and already-shifted ``labels`` of the same length:
-``labels[j]`` is the token that position ``j`` must predict, or -100 where nothing is scored.
+``labels[j]`` is the token that position ``j`` must predict, or ``IGNORE_INDEX`` where nothing is scored.
 """
 
 from __future__ import annotations
 
 import torch
 
-from smarter.errors import ConfigError
-
-IGNORE_INDEX = -100
+from foundation import IGNORE_INDEX, ConfigError
 
 
 def pack_into_blocks(stream: torch.Tensor, block_size: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Cut a token stream into fixed-length blocks with no padding but in the last one.
 
     Block ``i`` reads ``stream[i*L : i*L+L]`` and predicts ``stream[i*L+1 : i*L+L+1]``, so every
-    token after the first is a target exactly once; the last block is padded (labels -100).
+    token after the first is a target exactly once; the last block is padded (labels ``IGNORE_INDEX``).
 
     Args:
         stream: 1-D token ids.
@@ -86,16 +84,26 @@ def make_eval_windows(
     return {"input_ids": torch.stack(inputs), "labels": torch.stack(labels)}
 
 
-def scored_bytes(labels: torch.Tensor, byte_lengths: torch.Tensor) -> torch.Tensor:
+def scored_bytes(labels: torch.Tensor, byte_lengths: torch.Tensor, text_bytes: int | None = None) -> torch.Tensor:
     """UTF-8 bytes of the scored targets of each row of ``labels``.
 
+    Token byte lengths do not always add up to the text: SentencePiece writes a ``▁`` (a space) in
+    front of the first token that the text does not hold, and a normalizing tokenizer may fold
+    characters. With ``text_bytes`` (the UTF-8 length of the text the rows score, every token once)
+    the difference is settled on the row that scores the first token, so the total is the text's own.
+
     Args:
-        labels: ``(rows, L)`` targets with -100 where unscored.
+        labels: ``(rows, L)`` targets with ``IGNORE_INDEX`` where unscored.
         byte_lengths: ``(vocab,)`` bytes each token id stands for.
+        text_bytes: UTF-8 bytes of the scored text, when the rows score all of it.
 
     Returns:
         ``(rows,)`` int64 byte counts.
     """
     scored = labels != IGNORE_INDEX
     safe = torch.where(scored, labels, torch.zeros_like(labels))
-    return (byte_lengths[safe] * scored).sum(dim=1)
+    per_row = (byte_lengths[safe] * scored).sum(dim=1)
+    if text_bytes is not None and len(per_row):
+        first_row = int(scored.any(dim=1).nonzero()[0])
+        per_row[first_row] += text_bytes - int(per_row.sum())
+    return per_row

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from smarter.errors import ConfigError
+from foundation import ConfigError
 
 DEFAULT_PROMPTS = [
     "Who is Long John Silver, and why do the pirates follow him?",

@@ -26,17 +26,10 @@ from datamodules.gutenberg import (
 )
 from datamodules.packing import make_eval_windows, pack_into_blocks, scored_bytes
 from datamodules.prompts import DEFAULT_PROMPTS, instruction_text, read_prompts_file
-from datamodules.tokenizers import MISTRAL_V1_TOKENIZER, TextTokenizer, load_tokenizer
-from smarter.errors import ConfigError
+from foundation import IGNORE_INDEX, ConfigError, atomic_torch_save, cache_folder
+from lightning_modules import MISTRAL_V1_TOKENIZER, InputRequirements, TextTokenizer, load_tokenizer
 
-CACHE_DIR_ENV = "SMARTER_CACHE_DIR"
-DEFAULT_CACHE_DIR = "~/.cache/scaling-smarter"
 SPLITS = ("train", "val", "test")
-
-
-def default_cache_dir() -> Path:
-    """Cache folder: ``$SMARTER_CACHE_DIR`` or ``~/.cache/scaling-smarter``."""
-    return Path(os.environ.get(CACHE_DIR_ENV, DEFAULT_CACHE_DIR)).expanduser()
 
 
 class TensorRowsDataset(Dataset):
@@ -110,6 +103,9 @@ class TreasureIslandDataModule(L.LightningDataModule):
         prompts_file: File of prompts for ``predict`` (one per line, or JSON Lines with
             ``prompt``); takes precedence over ``prompts``.
         chat_template: Wrap prompts in Mistral's ``[INST] ... [/INST]`` instruction format.
+        model_requirements: What the model needs of the text (its tokenizer, maximum positions and
+            vocabulary). The ``smarter`` command links it from the model; unset means the Mistral v1
+            tokenizer and no length check.
     """
 
     def __init__(
@@ -128,6 +124,7 @@ class TreasureIslandDataModule(L.LightningDataModule):
         prompts: list[str] | None = None,
         prompts_file: str | None = None,
         chat_template: bool = True,
+        model_requirements: InputRequirements | None = None,
     ) -> None:
         super().__init__()
         val_chapters = [31, 32] if val_chapters is None else list(val_chapters)
@@ -150,9 +147,15 @@ class TreasureIslandDataModule(L.LightningDataModule):
             )
         if num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}.")
+        if model_requirements is not None and block_size > model_requirements.max_positions:
+            raise ConfigError(
+                f"data.block_size={block_size} exceeds the model's maximum positions "
+                f"({model_requirements.max_positions}); lower data.block_size."
+            )
         self.save_hyperparameters()
         self.book_path = book_path
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.cache_dir = cache_folder(cache_dir)
+        self.model_requirements = model_requirements
         self.download_url = download_url
         self.tokenizer_name = tokenizer
         self.block_size = block_size
@@ -212,16 +215,24 @@ class TreasureIslandDataModule(L.LightningDataModule):
 
     # ---- tokenization --------------------------------------------------------------------
     def resolve_tokenizer_source(self) -> str:
-        """The tokenizer to use: explicit, or the attached LightningModule's own."""
+        """The tokenizer to use: explicit, else the model's own (``model_requirements``), else Mistral v1."""
         if self.tokenizer_name != "auto":
             return self.tokenizer_name
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        return getattr(module, "tokenizer_source", None) or MISTRAL_V1_TOKENIZER
+        if self.model_requirements is not None:
+            return self.model_requirements.tokenizer
+        return MISTRAL_V1_TOKENIZER
 
     @property
     def tokenizer(self) -> TextTokenizer:
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.resolve_tokenizer_source())
+            tokenizer = load_tokenizer(self.resolve_tokenizer_source())
+            limit = self.model_requirements.vocab_size if self.model_requirements else None
+            if limit is not None and tokenizer.vocab_size > limit:
+                raise ConfigError(
+                    f"The tokenizer has {tokenizer.vocab_size} tokens but the model only {limit}; "
+                    "use the model's own tokenizer (data.tokenizer: auto)."
+                )
+            self._tokenizer = tokenizer
         return self._tokenizer
 
     def load_splits(self) -> BookSplits:
@@ -239,7 +250,7 @@ class TreasureIslandDataModule(L.LightningDataModule):
             "eval_stride": self.eval_stride,
             "val": self.val_chapters,
             "test": self.test_chapters,
-            "format": 1,
+            "format": 2,
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -260,12 +271,9 @@ class TreasureIslandDataModule(L.LightningDataModule):
         for name in ("val", "test"):
             tokens = torch.tensor(tok.encode(texts[name]), dtype=torch.long)
             windows = make_eval_windows(tokens, tok.bos_id, self.block_size, self.eval_stride, pad_id)
-            windows["scored_bytes"] = scored_bytes(windows["labels"], byte_lengths)
+            windows["scored_bytes"] = scored_bytes(windows["labels"], byte_lengths, len(texts[name].encode("utf-8")))
             tensors[name] = windows
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache_file.with_name(cache_file.name + f".{os.getpid()}.partial")
-        torch.save(tensors, partial)
-        os.replace(partial, cache_file)
+        atomic_torch_save(tensors, cache_file)
         return tensors
 
     def setup(self, stage: str | None = None) -> None:
@@ -275,7 +283,7 @@ class TreasureIslandDataModule(L.LightningDataModule):
             return
         tensors = self.build_split_tensors()
         self.datasets = {name: TensorRowsDataset(tensors[name]) for name in SPLITS}
-        counts = {name: int((t["labels"] != -100).sum()) for name, t in tensors.items()}
+        counts = {name: int((t["labels"] != IGNORE_INDEX).sum()) for name, t in tensors.items()}
         rank_zero_info(
             f"Treasure Island: scored tokens train={counts['train']} val={counts['val']} "
             f"test={counts['test']} (tokenizer {self.tokenizer.name}, block {self.block_size})"

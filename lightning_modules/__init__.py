@@ -1,6 +1,17 @@
-"""The LightningModule wrapping a configurable Mistral, and the functions that build it."""
+"""The model side: the LightningModule wrapping a configurable Mistral, the functions that build it,
+its tokenizer, and the measuring helpers the study and the benchmarks share."""
 
 from lightning_modules.mistral_module import MistralModule
-from lightning_modules.model_building import LoraSettings, ModelSpec, load_causal_lm
+from lightning_modules.model_building import InputRequirements, LoraSettings, ModelSpec, load_causal_lm
+from lightning_modules.tokenizers import MISTRAL_V1_TOKENIZER, TextTokenizer, load_tokenizer
 
-__all__ = ["LoraSettings", "MistralModule", "ModelSpec", "load_causal_lm"]
+__all__ = [
+    "MISTRAL_V1_TOKENIZER",
+    "InputRequirements",
+    "LoraSettings",
+    "MistralModule",
+    "ModelSpec",
+    "TextTokenizer",
+    "load_causal_lm",
+    "load_tokenizer",
+]

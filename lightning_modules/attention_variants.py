@@ -16,8 +16,8 @@ from typing import Literal
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from foundation import ConfigError
 from lightning_modules.mistral_module import MistralModule
-from smarter.errors import ConfigError
 
 SdpaBackend = Literal["math", "efficient", "flash", "cudnn"]
 _BACKENDS = {

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from smarter.errors import ConfigError
+from foundation import ConfigError, synchronize
 
 
 @dataclass
@@ -63,11 +63,6 @@ class TimedGeneration:
         return decode_steps / decode_time if decode_steps > 0 and decode_time > 0 else float("nan")
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _choose(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> torch.Tensor:
     """Next token ``(batch, 1)`` from last-position logits ``(batch, vocab)``."""
     if not settings.do_sample:
@@ -106,12 +101,12 @@ def generate_timed(
         generator = torch.Generator(device=device)
         generator.manual_seed(settings.seed if sample_seed is None else sample_seed)
     cache = DynamicCache()
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     token = _choose(out.logits[:, -1], settings, generator)  # (1, 1)
     tokens = [token]
-    _synchronize(device)
+    synchronize(device)
     first = time.perf_counter()
     for _ in range(settings.max_new_tokens - 1):
         if settings.stop_at_eos and eos_id is not None and int(token) == eos_id:
@@ -119,7 +114,7 @@ def generate_timed(
         out = model(input_ids=token, past_key_values=cache, use_cache=True)
         token = _choose(out.logits[:, -1], settings, generator)
         tokens.append(token)
-    _synchronize(device)
+    synchronize(device)
     end = time.perf_counter()
     new_tokens = torch.cat(tokens, dim=1)[0].tolist()
     if settings.stop_at_eos and eos_id in new_tokens:

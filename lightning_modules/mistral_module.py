@@ -6,6 +6,7 @@ optimizer and the hooks. Subclass it to change any of them (see the README).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 import lightning as L
@@ -13,21 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
-from datamodules.packing import IGNORE_INDEX
-from datamodules.tokenizers import MISTRAL_V1_TOKENIZER, TextTokenizer, load_tokenizer
+from foundation import IGNORE_INDEX, ConfigError
 from lightning_modules.generation import GenerationSettings, generate_timed
 from lightning_modules.metrics import TokenNLLMetric
 from lightning_modules.model_building import (
-    Attention,
-    DType,
+    InputRequirements,
     LoraSettings,
     ModelSpec,
-    Quantization,
     load_causal_lm,
     validate_model_spec,
 )
 from lightning_modules.schedules import WarmupConstant, WarmupCosine
-from smarter.errors import ConfigError
+from lightning_modules.tokenizers import TextTokenizer, load_tokenizer
 
 # Checkpoints hold these (hyperparameters, scheduler state); resuming loads with weights_only=True.
 torch.serialization.add_safe_globals([LoraSettings, GenerationSettings, WarmupCosine, WarmupConstant])
@@ -39,15 +37,10 @@ Schedule = Literal["cosine", "constant"]
 class MistralModule(L.LightningModule):
     """A Mistral causal LM (preset or checkpoint; quantized or not; eager or SDPA; LoRA or not).
 
+    Which model is built is a ``ModelSpec``: its fields (``source``, ``quantization``, ``attention``,
+    ``dtype``, ``lora``...) are this module's arguments too, declared once, on ``ModelSpec``.
+
     Args:
-        source: Preset name (``tiny``, ``mistral-7b``), hub id, or local Hugging Face folder.
-        preset_overrides: MistralConfig fields replacing a preset's, e.g. ``{num_hidden_layers: 4}``.
-        quantization: ``none``, ``int8``, ``nf4`` or ``nf4-dq`` (bitsandbytes).
-        attention: ``eager`` or ``sdpa``.
-        dtype: Dtype of the non-quantized weights and of the 4-bit compute.
-        gradient_checkpointing: Recompute activations in backward to save memory.
-        lora: LoRA adapters (peft); unset for evaluation or full fine-tuning.
-        preset_seed: Seed of a preset's random weights.
         optimizer: ``adamw`` (torch), or bitsandbytes ``adamw-8bit`` / ``paged-adamw-8bit``.
         learning_rate: Peak learning rate.
         weight_decay: AdamW weight decay.
@@ -56,18 +49,11 @@ class MistralModule(L.LightningModule):
         schedule: After warm-up: ``cosine`` decay to ``min_lr_ratio`` or ``constant``.
         min_lr_ratio: Final learning rate over peak, for the cosine schedule.
         generation: How ``predict`` decodes (new tokens, greedy or sampled, warm-up).
+        **model_spec: The ``ModelSpec`` fields.
     """
 
     def __init__(
         self,
-        source: str = "tiny",
-        preset_overrides: dict[str, int | float | bool | str | None] | None = None,
-        quantization: Quantization = "none",
-        attention: Attention = "sdpa",
-        dtype: DType = "bfloat16",
-        gradient_checkpointing: bool = False,
-        lora: LoraSettings | None = None,
-        preset_seed: int = 0,
         optimizer: Optimizer = "adamw",
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
@@ -76,6 +62,7 @@ class MistralModule(L.LightningModule):
         schedule: Schedule = "cosine",
         min_lr_ratio: float = 0.1,
         generation: GenerationSettings | None = None,
+        **model_spec,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -87,16 +74,10 @@ class MistralModule(L.LightningModule):
             raise ConfigError(
                 f"model.optimizer={optimizer!r} is not supported; choose adamw, adamw-8bit or paged-adamw-8bit."
             )
-        self.spec = ModelSpec(
-            source=source,
-            preset_overrides=preset_overrides,
-            quantization=quantization,
-            attention=attention,
-            dtype=dtype,
-            gradient_checkpointing=gradient_checkpointing,
-            lora=lora,
-            preset_seed=preset_seed,
-        )
+        unknown = sorted(set(model_spec) - {f.name for f in dataclasses.fields(ModelSpec)})
+        if unknown:
+            raise ConfigError(f"MistralModule got unknown arguments {unknown}; see `smarter fit --model.help`.")
+        self.spec = ModelSpec(**model_spec)
         # Every check that needs no weights happens here, before anything loads.
         self.model_config = validate_model_spec(self.spec)
         self.generation = generation or GenerationSettings()
@@ -105,33 +86,29 @@ class MistralModule(L.LightningModule):
         self.val_metric = TokenNLLMetric()
         self.test_metric = TokenNLLMetric()
         # With adapters, checkpoints hold only what trains: the frozen base is rebuilt from spec.
-        self.strict_loading = lora is None
+        self.strict_loading = self.spec.lora is None
 
     # ---- building ------------------------------------------------------------------------
     @property
     def tokenizer_source(self) -> str:
         """The tokenizer matching the weights: the checkpoint's own, or Mistral v1 for presets."""
-        return MISTRAL_V1_TOKENIZER if self.spec.is_preset else self.spec.source
+        return self.spec.tokenizer_source
 
     @property
     def max_positions(self) -> int:
         return int(self.model_config.max_position_embeddings)
 
+    @property
+    def input_requirements(self) -> InputRequirements:
+        """What the data must agree with; the CLI passes it to the DataModule."""
+        return InputRequirements(
+            tokenizer=self.tokenizer_source,
+            max_positions=self.max_positions,
+            vocab_size=int(self.model_config.vocab_size),
+        )
+
     def setup(self, stage: str) -> None:
-        """Check the data against the model before any weights load."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        block_size = getattr(datamodule, "block_size", None)
-        if block_size is not None and block_size > self.max_positions:
-            raise ConfigError(
-                f"data.block_size={block_size} exceeds the model's maximum positions "
-                f"({self.max_positions}); lower data.block_size."
-            )
-        tokenizer = getattr(datamodule, "tokenizer", None)
-        if tokenizer is not None and tokenizer.vocab_size > self.model_config.vocab_size:
-            raise ConfigError(
-                f"The tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                f"{self.model_config.vocab_size}; use the model's own tokenizer (data.tokenizer: auto)."
-            )
+        """Refuse a run that cannot train before any weights load."""
         if stage == "fit" and self.spec.quantization != "none" and self.spec.lora is None:
             raise ConfigError(
                 f"model.quantization={self.spec.quantization} freezes the base weights, so fit "
@@ -201,10 +178,9 @@ class MistralModule(L.LightningModule):
     # ---- predict ---------------------------------------------------------------------------
     @property
     def tokenizer(self) -> TextTokenizer:
-        """The tokenizer of the data when attached to one, else the one matching the weights."""
+        """The tokenizer matching the weights (decodes what ``predict`` generates)."""
         if self._tokenizer is None:
-            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-            self._tokenizer = getattr(datamodule, "tokenizer", None) or load_tokenizer(self.tokenizer_source)
+            self._tokenizer = load_tokenizer(self.tokenizer_source)
         return self._tokenizer
 
     def on_predict_start(self) -> None:

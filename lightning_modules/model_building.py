@@ -14,8 +14,9 @@ from typing import Literal, get_args
 
 import torch
 
+from foundation import ConfigError, cache_folder
 from lightning_modules.presets import PRESETS, preset_weights_folder
-from smarter.errors import ConfigError
+from lightning_modules.tokenizers import MISTRAL_V1_TOKENIZER
 
 Quantization = Literal["none", "int8", "nf4", "nf4-dq"]
 Attention = Literal["eager", "sdpa"]
@@ -39,6 +40,21 @@ class LoraSettings:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR_PROJECTIONS))
+
+
+@dataclass(frozen=True)
+class InputRequirements:
+    """What a model needs of the text fed to it; the CLI hands it from the model to the data.
+
+    Args:
+        tokenizer: The tokenizer matching the weights (a name, hub id or folder).
+        max_positions: Longest sequence the model takes.
+        vocab_size: Rows of the embedding: every token id must be below it.
+    """
+
+    tokenizer: str
+    max_positions: int
+    vocab_size: int
 
 
 @dataclass
@@ -74,6 +90,11 @@ class ModelSpec:
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+    @property
+    def tokenizer_source(self) -> str:
+        """The tokenizer matching the weights: the checkpoint's own, or Mistral v1 for presets."""
+        return MISTRAL_V1_TOKENIZER if self.is_preset else self.source
 
     def describe(self) -> dict[str, object]:
         """Flat, JSON-friendly summary for logs and reports."""
@@ -199,9 +220,7 @@ def apply_lora(model, lora: LoraSettings):
 
 
 def cache_root(spec: ModelSpec) -> Path:
-    from datamodules.treasure_island import default_cache_dir
-
-    return Path(spec.cache_dir).expanduser() if spec.cache_dir else default_cache_dir()
+    return cache_folder(spec.cache_dir)
 
 
 def disable_bnb_cpu_weight_repacking(model) -> None:

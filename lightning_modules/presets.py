@@ -8,11 +8,11 @@ then loaded through exactly the same path as real weights (quantization included
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 from pathlib import Path
 
 import torch
+
+from foundation import atomic_path
 
 # Mistral-7B-Instruct-v0.2: 7.24 B parameters.
 MISTRAL_7B_SHAPE: dict[str, object] = {
@@ -69,18 +69,15 @@ def preset_weights_folder(config, seed: int, cache_dir: Path, device: torch.devi
     folder = cache_dir / "presets" / f"mistral-{key}"
     if (folder / "config.json").is_file():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=PRESET_WEIGHTS_DTYPE)
-    model.save_pretrained(staging)
-    del model
     try:
-        os.replace(staging, folder)
-    except OSError:  # another process finished first
-        shutil.rmtree(staging, ignore_errors=True)
+        with atomic_path(folder) as staging:
+            model.save_pretrained(staging)
+    except OSError:  # another process finished the same folder first
+        if not (folder / "config.json").is_file():
+            raise
     return folder

@@ -4,28 +4,20 @@ from __future__ import annotations
 
 import gzip
 import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from test_cli import scalars
 
 from callbacks import KernelTraceCallback, ThroughputMemoryCallback
 from callbacks.flops import flops_per_token, linear_weights
-from conftest import REPO_ROOT
 from datamodules.treasure_island import TreasureIslandDataModule
+from foundation import IGNORE_INDEX, ConfigError
+from helpers import THROUGHPUT, TINY, TRACE, cpu_trainer, run_smarter, scalars
 from lightning_modules import LoraSettings, MistralModule
 from lightning_modules.model_building import resolve_model_config
 from smarter.cli import main
-from smarter.errors import ConfigError
-
-TINY = str(REPO_ROOT / "configs/tiny.yaml")
-TRACE = str(REPO_ROOT / "configs/callbacks/kernel_trace.yaml")
-THROUGHPUT = str(REPO_ROOT / "configs/callbacks/throughput.yaml")
 
 
 def _check_trace_folder(folder: Path, stage: str) -> dict:
@@ -48,22 +40,22 @@ def test_validate_with_tracing_writes_traces_summary_and_scalars(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     main(["validate", "-c", TINY, "-c", TRACE, "-c", THROUGHPUT, "--trainer.enable_progress_bar", "false"])
     run = next((tmp_path / "runs" / "tiny").glob("version_*"))
-    summary = _check_trace_folder(run / "kernel_trace", "validate")
+    summary = _check_trace_folder(run / "kernel_trace", "val")
     assert summary["metadata"]["batch_shape"] == [8, 256]
     assert summary["kernels"][0]["name"] == "aten::mm"  # matmuls dominate even the tiny model
     logged = scalars(run)
     for key in (
         "val/ppl",
         "val/bits_per_byte",
-        "perf/validate/tokens_per_s",
-        "perf/validate/samples_per_s",
-        "perf/validate/step_time_ms",
-        "perf/validate/host_rss_gib",
-        "prof/validate/device_time_ms",
-        "prof/validate/kernel_count",
+        "perf/val/tokens_per_s",
+        "perf/val/samples_per_s",
+        "perf/val/step_time_ms",
+        "perf/val/host_rss_gib",
+        "prof/val/device_time_ms",
+        "prof/val/kernel_count",
     ):
         assert key in logged, key
-    assert len(logged["prof/validate/device_time_ms"]) == 3
+    assert len(logged["prof/val/device_time_ms"]) == 3
 
 
 @pytest.mark.parametrize("stage", ["train", "test"])
@@ -98,24 +90,10 @@ def test_tracing_and_throughput_in_fit_and_test(stage, tmp_path, monkeypatch, bo
     assert logged[f"perf/{stage}/tflops_per_s"][-1][1] > 0
 
 
-def _trainer(tmp_path: Path, callbacks: list, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=str(tmp_path),
-        callbacks=callbacks,
-        **kwargs,
-    )
-
-
 def test_window_longer_than_the_run_is_shrunk_to_fit_and_traces_real_batches(tmp_path, book_path):
     trace = KernelTraceCallback(wait=1, warmup=2, active=10, output_dir=str(tmp_path / "trace"))
-    with pytest.warns(UserWarning, match="the validate run has 3 batches.*shrunk to wait 0, warmup 1, active 2"):
-        _trainer(tmp_path, [trace], limit_val_batches=3).validate(
+    with pytest.warns(UserWarning, match="the val run has 3 batches.*shrunk to wait 0, warmup 1, active 2"):
+        cpu_trainer(tmp_path, [trace], limit_val_batches=3).validate(
             MistralModule(source="tiny", dtype="float32"), datamodule=TreasureIslandDataModule(block_size=64)
         )
     (summary,) = trace.summaries
@@ -128,7 +106,7 @@ def test_a_run_that_ends_early_never_reports_the_empty_tail_as_a_step(tmp_path, 
     trace = KernelTraceCallback(wait=0, warmup=1, active=5, output_dir=str(tmp_path / "trace"))
     monkeypatch.setattr(KernelTraceCallback, "_available_batches", lambda *a: float("inf"))  # a wrong estimate
     with pytest.warns(UserWarning, match="ended after 3 profiled batches"):
-        _trainer(tmp_path, [trace], limit_val_batches=3).validate(
+        cpu_trainer(tmp_path, [trace], limit_val_batches=3).validate(
             MistralModule(source="tiny", dtype="float32"), datamodule=TreasureIslandDataModule(block_size=64)
         )
     (summary,) = trace.summaries
@@ -140,7 +118,7 @@ def test_unwritable_output_folder_switches_tracing_off_and_the_run_continues(tmp
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     trace = KernelTraceCallback(output_dir=str(blocker / "trace"))
-    trainer = _trainer(tmp_path, [trace], limit_val_batches=3)
+    trainer = cpu_trainer(tmp_path, [trace], limit_val_batches=3)
     with pytest.warns(UserWarning, match="Kernel tracing switched off: cannot write"):
         trainer.validate(
             MistralModule(source="tiny", dtype="float32"), datamodule=TreasureIslandDataModule(block_size=64)
@@ -156,7 +134,7 @@ def test_failing_trace_export_never_stops_training(tmp_path, book_path, monkeypa
         "export_chrome_trace",
         lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")),
     )
-    trainer = _trainer(tmp_path, [trace], max_steps=4, limit_val_batches=0)
+    trainer = cpu_trainer(tmp_path, [trace], max_steps=4, limit_val_batches=0)
     with pytest.warns(UserWarning, match="disk full"):
         trainer.fit(
             MistralModule(source="tiny", dtype="float32"),
@@ -211,10 +189,10 @@ def test_throughput_counts_scored_tokens_only(tmp_path, book_path):
     meter = ThroughputMemoryCallback(warmup_steps=0)
     module = MistralModule(source="tiny", dtype="float32", lora=LoraSettings(r=4, alpha=8))
     datamodule = TreasureIslandDataModule(block_size=64, eval_stride=16)
-    _trainer(tmp_path, [meter]).validate(module, datamodule=datamodule)
+    cpu_trainer(tmp_path, [meter]).validate(module, datamodule=datamodule)
     labels = datamodule.datasets["val"].tensors["labels"]
-    result = meter.summary["validate"]
-    scored = int((labels != -100).sum())
+    result = meter.summary["val"]
+    scored = int((labels != IGNORE_INDEX).sum())
     assert result["timed_steps"] == -(-len(labels) // datamodule.eval_batch_size)
     total_seconds = result["step_time_ms"] * result["timed_steps"] / 1000
     assert result["tokens_per_s"] * total_seconds == pytest.approx(scored, rel=1e-6)
@@ -224,28 +202,11 @@ def test_throughput_counts_scored_tokens_only(tmp_path, book_path):
 def _val_ppl_from_cli(tmp_path: Path, devices: int) -> float:
     folder = tmp_path / f"devices{devices}"
     folder.mkdir()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "smarter.cli",
-            "validate",
-            "-c",
-            TINY,
-            "--data.block_size",
-            "128",
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.devices",
-            str(devices),
-            "--trainer.strategy",
-            "ddp" if devices > 1 else "auto",
-            "--trainer.enable_progress_bar",
-            "false",
-        ],
+    strategy = "ddp" if devices > 1 else "auto"
+    result = run_smarter(
+        *["validate", "-c", TINY, "--data.block_size", "128", "--trainer.accelerator", "cpu"],
+        *["--trainer.devices", str(devices), "--trainer.strategy", strategy, "--trainer.enable_progress_bar", "false"],
         cwd=folder,
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

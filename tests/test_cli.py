@@ -2,40 +2,96 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+import yaml
 
 from conftest import REPO_ROOT
+from helpers import TINY, error_lines, run_smarter, scalars
 from lightning_modules import MistralModule
-from smarter.cli import build_cli, main
+from smarter.cli import COMMANDS, build_cli, condense_parser_error, main
+from smarter.config_files import expand_config_arguments, run_name
 
 CONFIGS = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
 VARIANTS = sorted((REPO_ROOT / "configs" / "variants").glob("*.yaml"))
-
-
-def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the TensorBoard event files under ``log_dir``."""
-    (event_file,) = log_dir.rglob("events.out.tfevents.*")
-    accumulator = EventAccumulator(str(event_file.parent))
-    accumulator.Reload()
-    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+SNIPPET_FOLDERS = ("callbacks", "base")  # added on top of a main config, or extended by one
 
 
 def test_the_shipped_configs_are_the_expected_ones():
     names = {str(p.relative_to(REPO_ROOT / "configs")) for p in CONFIGS}
     expected_variants = {f"variants/{q}-{a}.yaml" for q in ("bf16", "int8", "nf4") for a in ("eager", "sdpa")}
-    assert expected_variants | {"tiny.yaml", "finetune/qlora.yaml"} <= names
+    assert expected_variants | {"tiny.yaml", "finetune/qlora.yaml", "finetune/lora.yaml"} <= names
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda p: p.stem)
+def test_variant_files_are_short_and_resolve_to_their_own_model(variant):
+    content = yaml.safe_load(variant.read_text())
+    assert content["extends"] == "../base/mistral-7b.yaml"
+    assert len([line for line in variant.read_text().splitlines() if not line.startswith("#")]) <= 8
+    cli = build_cli(["-c", str(variant)], run=False)
+    quantization, attention = variant.stem.split("-")
+    spec = cli.model.spec
+    assert (spec.source, spec.attention) == ("mistral-7b", attention)
+    assert spec.quantization == {"bf16": "none", "int8": "int8", "nf4": "nf4"}[quantization]
+    assert spec.dtype == ("float16" if quantization == "int8" else "bfloat16")
+    data = cli.datamodule
+    assert (data.block_size, data.eval_stride, data.batch_size, data.eval_batch_size) == (1024, 512, 4, 4)
+    assert cli.trainer.logger.name == variant.stem  # the run is named after the variant file
+
+
+def test_extends_expands_bases_first_and_refuses_cycles_and_missing_bases(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("model:\n  source: tiny\n  learning_rate: 0.5\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\nmodel:\n  learning_rate: 0.25\n")
+    args = expand_config_arguments(["fit", "-c", str(child), "--model.warmup_steps", "3"])
+    assert args[:3] == ["fit", "-c", str(base.resolve())]
+    assert yaml.safe_load(args[4]) == {"model": {"learning_rate": 0.25}} and args[5:] == ["--model.warmup_steps", "3"]
+    assert run_name(["fit", "-c", str(child)]) == "child"
+    cli = build_cli(["-c", str(child)], run=False)
+    assert cli.model.hparams.learning_rate == 0.25 and cli.model.spec.source == "tiny"
+    base.write_text("extends: child.yaml\n")
+    with pytest.raises(Exception, match="cycle"):
+        expand_config_arguments(["-c", str(child)])
+    child.write_text("extends: missing.yaml\n")
+    with pytest.raises(Exception, match="extends missing.yaml, which is not a file"):
+        expand_config_arguments(["-c", str(child)])
+
+
+def test_help_lists_every_command_and_each_has_its_own_help(tmp_path):
+    listed = run_smarter("--help", cwd=tmp_path)
+    assert listed.returncode == 0
+    for name in COMMANDS:
+        assert f"  {name} " in listed.stdout
+    assert {"fit", "validate", "test", "predict", "compare"} <= set(COMMANDS)
+    compare_help = run_smarter("compare", "--help", cwd=tmp_path)
+    assert compare_help.returncode == 0 and "--variants" in compare_help.stdout
+    unknown = run_smarter("comapre", cwd=tmp_path)
+    assert unknown.returncode == 2
+    assert error_lines(unknown.stderr) == [
+        "smarter: error: unknown command 'comapre'; choose one of fit, validate, test, predict, compare "
+        "(see `smarter --help`)"
+    ]
+
+
+def test_parser_errors_are_condensed_to_the_key_and_the_reason():
+    nested = (
+        'Parser key "model":\n  Does not validate against any of the Union subtypes\n  Subtypes: [...]\n'
+        "  Errors:\n    - Problem with given class_path 'lightning_modules.MistralModule':\n"
+        '        Parser key "quantization":\n'
+        "          Expected a typing.Literal['none', 'int8', 'nf4', 'nf4-dq']. Got value: nf5\n"
+        "    - Expected a <class 'NoneType'>\n  Given value type: <class 'NestedArg'>\n  Given value: x"
+    )
+    assert condense_parser_error(nested) == ("model.quantization: 'nf5' is not one of 'none', 'int8', 'nf4', 'nf4-dq'")
+    assert condense_parser_error("Parser key \"config\": File does not exist: '/x.yaml'") == (
+        "config: File does not exist: '/x.yaml'"
+    )
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT / "configs")))
 def test_every_config_parses_and_instantiates(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     is_snippet = config.parent.name == "callbacks"  # added on top of a main config
-    args = ["-c", str(REPO_ROOT / "configs/tiny.yaml")] if is_snippet else []
+    args = ["-c", TINY] if is_snippet else []
     cli = build_cli([*args, "-c", str(config)], run=False)
     if is_snippet:
         assert len(cli.trainer.callbacks) > len(build_cli(args, run=False).trainer.callbacks)
@@ -74,7 +130,7 @@ def test_a_subclass_of_the_module_runs_through_the_cli(tmp_path, monkeypatch, bo
         [
             "fit",
             "-c",
-            str(REPO_ROOT / "configs/tiny.yaml"),
+            TINY,
             "--model",
             "custom_modules.ZLossMistralModule",
             "--model.z_loss_coef",
@@ -99,29 +155,30 @@ def test_a_subclass_of_the_module_runs_through_the_cli(tmp_path, monkeypatch, bo
     assert "custom_modules.ZLossMistralModule" in config and "z_loss_coef: 0.001" in config
 
 
-def _run_smarter(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "smarter.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
-
-
-def test_bad_choice_on_the_command_line_names_the_choices(tmp_path):
-    result = _run_smarter(
-        "validate", "-c", str(REPO_ROOT / "configs/tiny.yaml"), "--model.quantization", "nf5", cwd=tmp_path
-    )
-    assert result.returncode != 0
-    assert "nf5" in result.stderr and "nf4-dq" in result.stderr
-
-
-def test_config_error_is_one_line_with_the_fix_and_no_traceback(tmp_path, book_path):
-    result = _run_smarter(
-        "validate", "-c", str(REPO_ROOT / "configs/tiny.yaml"), "--data.block_size", "4096", cwd=tmp_path
-    )
+def test_bad_choice_on_the_command_line_is_one_line_naming_the_choices(tmp_path):
+    result = run_smarter("validate", "-c", TINY, "--model.quantization", "nf5", cwd=tmp_path)
     assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if line.startswith("smarter: error:")]
-    assert errors == [
-        "smarter: error: data.block_size=4096 exceeds the model's maximum positions (2048); lower data.block_size."
+    assert error_lines(result.stderr) == [
+        "smarter: error: model.quantization: 'nf5' is not one of 'none', 'int8', 'nf4', 'nf4-dq' "
+        "(see `smarter validate --help`)"
     ]
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--data.block_size", "4096"],
+            "data.block_size=4096 exceeds the model's maximum positions (2048); lower data.block_size.",
+        ),
+        (["--data.batch_size", "0"], "data.batch_size must be >= 1, got 0."),
+    ],
+)
+def test_errors_raised_while_the_cli_builds_objects_are_one_line(tmp_path, args, message):
+    result = run_smarter("validate", "-c", TINY, *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [f"smarter: error: {message}"]
     assert "Traceback" not in result.stderr
 
 
@@ -129,7 +186,7 @@ def test_config_error_is_one_line_with_the_fix_and_no_traceback(tmp_path, book_p
 def test_tiny_quick_start_learns_the_book(tmp_path, monkeypatch, book_path):
     """The README's main job, as shipped: trains the tiny preset and cuts val perplexity."""
     monkeypatch.chdir(tmp_path)
-    main(["fit", "-c", str(REPO_ROOT / "configs/tiny.yaml"), "--trainer.enable_progress_bar", "false"])
+    main(["fit", "-c", TINY, "--trainer.enable_progress_bar", "false"])
     logged = scalars(tmp_path / "runs" / "tiny")
     ppl = [value for _, value in logged["val/ppl"]]
     assert len(ppl) == 4

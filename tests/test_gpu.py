@@ -59,7 +59,7 @@ def test_qlora_step_on_gpu_trains_only_adapters(tmp_path, book_path):
 
 
 def test_trace_on_gpu_names_cuda_kernels(tmp_path, book_path):
-    trace = KernelTraceCallback(wait=0, warmup=1, active=2, stages=["validate"], output_dir=str(tmp_path))
+    trace = KernelTraceCallback(wait=0, warmup=1, active=2, stages=["val"], output_dir=str(tmp_path))
     trainer = L.Trainer(
         accelerator="gpu", devices=1, limit_val_batches=3, logger=False, enable_progress_bar=False, callbacks=[trace]
     )

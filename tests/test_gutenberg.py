@@ -11,7 +11,7 @@ from datamodules.gutenberg import (
     strip_gutenberg_boilerplate,
 )
 from datamodules.treasure_island import TreasureIslandDataModule
-from smarter.errors import ConfigError
+from foundation import ConfigError
 
 SAMPLE = """The Project Gutenberg eBook of Something
 Licence words before the book.
@@ -63,6 +63,16 @@ def test_real_book_has_34_chapters(book_path):
     assert chapters[0].title == "The Old Sea-dog at the Admiral Benbow"
     assert chapters[-1].title == "And Last"
     assert "\r" not in chapters[0].text
+
+
+def test_empty_book_files_are_called_empty(tmp_path):
+    empty = tmp_path / "pg120.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ConfigError, match="pg120.txt is empty; give the book's plain text"):
+        read_utf8_text(empty)
+    hollow = "*** START OF THE PROJECT GUTENBERG EBOOK X ***\n\n*** END OF THE PROJECT GUTENBERG EBOOK X ***\n"
+    with pytest.raises(ConfigError, match="no text between the Gutenberg START and END markers"):
+        strip_gutenberg_boilerplate(hollow)
 
 
 def test_non_utf8_file_is_refused_with_the_fix(tmp_path):

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from foundation import ConfigError
 from lightning_modules.model_building import (
     LoraSettings,
     ModelSpec,
@@ -15,7 +16,6 @@ from lightning_modules.model_building import (
     validate_model_spec,
 )
 from lightning_modules.presets import MISTRAL_7B_SHAPE, PRESETS
-from smarter.errors import ConfigError
 
 
 def _input_ids(batch: int = 2, seq: int = 24) -> torch.Tensor:

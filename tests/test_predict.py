@@ -6,16 +6,14 @@ import json
 
 import pytest
 import torch
-from test_cli import scalars
 
-from conftest import REPO_ROOT
 from datamodules.prompts import instruction_text, read_prompts_file
+from foundation import ConfigError
+from helpers import THROUGHPUT, TINY, scalars
 from lightning_modules import ModelSpec, load_causal_lm
 from lightning_modules.generation import GenerationSettings, generate_timed
 from smarter.cli import main
-from smarter.errors import ConfigError
 
-TINY = str(REPO_ROOT / "configs/tiny.yaml")
 TIMING_FIELDS = {
     "prompt",
     "completion",
@@ -61,8 +59,7 @@ def test_predict_writes_jsonl_with_timings_and_perf_scalars(tmp_path, monkeypatc
         "trainer:\n  callbacks+:\n    - class_path: callbacks.KernelTraceCallback\n"
         "      init_args: {wait: 0, warmup: 0, active: 1, stages: [predict]}\n"
     )
-    throughput = str(REPO_ROOT / "configs/callbacks/throughput.yaml")
-    args = f"predict -c {TINY} -c {throughput} -c {trace} --data.prompts_file {prompts}"
+    args = f"predict -c {TINY} -c {THROUGHPUT} -c {trace} --data.prompts_file {prompts}"
     main([*args.split(), "--model.generation.max_new_tokens", "8", "--trainer.enable_progress_bar", "false"])
     run = next((tmp_path / "runs" / "tiny").glob("version_*"))
     records = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]

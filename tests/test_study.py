@@ -1,30 +1,87 @@
-"""``smarter compare``: the whole study on the tiny preset, its report, and its failure handling."""
+"""``smarter compare``: the decision rule, the fit command and the report on fabricated results; the
+whole study on the tiny preset; its failure handling."""
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 import os
+import shlex
 
 import matplotlib.image
 import pytest
 
 from conftest import REPO_ROOT
+from foundation import ConfigError
+from helpers import scalars
 from smarter.cli import main
-from smarter.errors import ConfigError
-from smarter.study import StudySettings, run_study
+from smarter.study import KernelShare, StudySettings, VariantResult, choose_best, fit_command, run_study
+from smarter.study.report import COLUMNS, PLOT_NAMES, markdown_table
 
 FAST = ["--new_tokens", "6", "--repeats", "1", "--prefill_tokens", "64", "--kl_tokens", "256"]
-PLOTS = [
-    "perplexity",
-    "decode_tokens_per_s",
-    "prefill_tokens_per_s",
-    "peak_memory",
-    "device_time_per_step",
-    "top_kernels",
-    "speed_vs_quality",
+
+
+def _result(name: str, ppl: float, decode: float, peak: float, **extra) -> VariantResult:
+    return VariantResult(
+        variant=name,
+        config=f"variants/{name}.yaml",
+        val_ppl=ppl,
+        decode_tokens_per_s=decode,
+        peak_allocated_gib=peak,
+        model={"quantization": name.split("-")[0], "attention": name.split("-")[1], "dtype": "bfloat16"},
+        **extra,
+    )
+
+
+FABRICATED = [
+    _result("bf16-sdpa", ppl=10.0, decode=40.0, peak=14.0, kl_vs_reference=0.0),
+    _result("bf16-eager", ppl=10.0, decode=38.0, peak=14.5, kl_vs_reference=0.0001),
+    _result("nf4-sdpa", ppl=10.4, decode=45.0, peak=4.0, kl_vs_reference=0.02),
+    _result("nf4-eager", ppl=10.4, decode=45.0, peak=3.9, kl_vs_reference=0.02),
+    _result("int8-sdpa", ppl=12.0, decode=60.0, peak=8.0, kl_vs_reference=0.3),  # too far from the reference
+    VariantResult.failed("int8-eager", "out of memory: CUDA out of memory"),
 ]
+
+
+def test_the_chooser_takes_the_fastest_within_tolerance_and_breaks_ties_by_memory():
+    best, rule = choose_best(FABRICATED, reference="bf16-sdpa", tolerance=0.05)
+    assert best.variant == "nf4-eager"  # int8-sdpa is faster but 20 % worse; nf4-eager ties nf4-sdpa, less memory
+    assert "within 5% of bf16-sdpa (10 -> limit 10.5)" in rule
+    best, _ = choose_best(FABRICATED, reference="bf16-sdpa", tolerance=0.25)
+    assert best.variant == "int8-sdpa"
+    without_reference = [r for r in FABRICATED if r.variant != "bf16-sdpa"]
+    best, rule = choose_best(without_reference, reference="bf16-sdpa", tolerance=0.05)
+    assert best.variant == "int8-sdpa" and "no perplexity limit" in rule
+    assert choose_best(FABRICATED[-1:], reference="bf16-sdpa", tolerance=0.05)[0] is None
+
+
+def test_the_fit_command_keeps_the_variants_own_config_and_adds_the_recipe(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    command = fit_command(FABRICATED[2], overrides="--model.source tiny")
+    assert command == (
+        "smarter fit -c configs/variants/nf4-sdpa.yaml -c configs/finetune/lora.yaml --model.source tiny"
+    )
+    extension = VariantResult(variant="bf16-sdpa-efficient", config="configs/extensions/bf16-sdpa-efficient.yaml")
+    assert "-c configs/extensions/bf16-sdpa-efficient.yaml -c configs/finetune/lora.yaml" in fit_command(extension)
+
+
+def test_the_report_table_bolds_the_best_value_of_each_column_and_explains_failures():
+    table = markdown_table(FABRICATED).splitlines()
+    assert table[0].startswith("| variant | load s |") and len(table) == 2 + len(FABRICATED)
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in table[2:]}
+    decode_column = [c.key for c in COLUMNS].index("decode_tokens_per_s") + 1
+    cells = {n: line.strip("|").split(" | ")[decode_column].strip() for n, line in rows.items() if "failed" not in line}
+    assert cells["int8-sdpa"] == "**60.0**" and cells["bf16-sdpa"] == "40.0"
+    assert "**3.9**" in rows["nf4-eager"]  # the least peak memory
+    assert rows["int8-eager"].startswith("| int8-eager | failed: out of memory")
+
+
+def test_results_round_trip_through_json():
+    original = _result("nf4-sdpa", 10.0, 45.0, 4.0, top_kernels=[KernelShare("gemm", 1.5, 3, 0.4)])
+    restored = VariantResult.from_dict(json.loads(json.dumps(original.to_dict())))
+    assert restored == original and restored.peak_gib == 4.0
+    settings = StudySettings(variants=["a"], overrides="--model.source tiny", repeats=2)
+    assert StudySettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
 
 
 @pytest.mark.slow
@@ -33,7 +90,7 @@ def test_the_six_variant_study_on_the_tiny_preset(tmp_path, monkeypatch, book_pa
     main(["compare", "--overrides", "--model.source tiny", "--output_dir", "study", *FAST])
     out = tmp_path / "study"
     summary = json.loads((out / "results.json").read_text())
-    results = {r["variant"]: r for r in summary["results"]}
+    results = {r["variant"]: VariantResult.from_dict(r) for r in summary["results"]}
     assert set(results) == {f"{q}-{a}" for q in ("bf16", "int8", "nf4") for a in ("eager", "sdpa")}
     numeric = [
         "load_s",
@@ -48,25 +105,21 @@ def test_the_six_variant_study_on_the_tiny_preset(tmp_path, monkeypatch, book_pa
         "hf_generate_tokens_per_s",
     ]
     for name, result in results.items():
-        assert result["status"] == "ok", (name, result.get("reason"))
+        assert result.ok, (name, result.reason)
         for key in numeric:
-            assert math.isfinite(result[key]), (name, key)
-        assert result["top_kernels"]
-    assert results["bf16-sdpa"]["kl_vs_reference"] == 0.0
-    assert results["bf16-sdpa"]["top1_agreement"] == 1.0
-    assert results["nf4-sdpa"]["kl_vs_reference"] > 0  # 4-bit weights really differ
+            assert result.value(key) is not None, (name, key)
+        assert result.top_kernels
+    assert results["bf16-sdpa"].kl_vs_reference == 0.0
+    assert results["bf16-sdpa"].top1_agreement == 1.0
+    assert results["nf4-sdpa"].kl_vs_reference > 0  # 4-bit weights really differ
     with (out / "results.csv").open() as handle:
-        assert len(list(csv.DictReader(handle))) == 6
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 and list(rows[0]) == ["variant", "status", *[c.key for c in COLUMNS]]
     report = (out / "report.md").read_text()
-    assert (
-        sum(
-            line.startswith("| bf16-") or line.startswith("| int8-") or line.startswith("| nf4-")
-            for line in report.splitlines()
-        )
-        == 6
-    )
-    assert "Chosen for fine-tuning" in report and "smarter fit -c configs/finetune/qlora.yaml" in report
-    for plot in PLOTS:
+    assert sum(line.startswith(("| bf16-", "| int8-", "| nf4-")) for line in report.splitlines()) == 6
+    assert "Chosen for fine-tuning" in report and "-c configs/finetune/lora.yaml" not in report  # cwd is not the repo
+    assert str(REPO_ROOT / "configs" / "finetune" / "lora.yaml") in report
+    for plot in PLOT_NAMES:
         path = out / "plots" / f"{plot}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert matplotlib.image.imread(path).shape[0] > 100
@@ -74,7 +127,7 @@ def test_the_six_variant_study_on_the_tiny_preset(tmp_path, monkeypatch, book_pa
     assert "fine-tune it with" in capsys.readouterr().out
 
 
-def test_failed_variants_are_reported_and_the_rest_complete(tmp_path, monkeypatch, book_path):
+def test_failed_variants_are_reported_the_rest_complete_and_the_chosen_extension_fits(tmp_path, monkeypatch, book_path):
     monkeypatch.chdir(tmp_path)
     # variant processes import the user's own modules (here tests/custom_modules.py) like any package
     monkeypatch.setenv(
@@ -84,9 +137,9 @@ def test_failed_variants_are_reported_and_the_rest_complete(tmp_path, monkeypatc
     broken.write_text("model:\n  source: tiny\n  quantization: nf4\n  dtype: float32\n")
     pinned = tmp_path / "bf16-sdpa-math.yaml"  # a variant added by subclassing: SDPA pinned to the math kernel
     pinned.write_text(
+        f"extends: {REPO_ROOT / 'configs/base/mistral-7b.yaml'}\n"
         "model:\n  class_path: lightning_modules.attention_variants.PinnedSdpaModule\n"
-        "  init_args: {sdpa_backend: math, source: mistral-7b, attention: sdpa, dtype: bfloat16}\n"
-        "data: {block_size: 1024, eval_stride: 512, batch_size: 4, eval_batch_size: 4}\n"
+        "  init_args: {sdpa_backend: math}\n"
     )
     out_of_memory = tmp_path / "oom.yaml"
     out_of_memory.write_text("model:\n  class_path: custom_modules.OutOfMemoryMistralModule\n")
@@ -100,15 +153,27 @@ def test_failed_variants_are_reported_and_the_rest_complete(tmp_path, monkeypatc
         overrides="--model.source tiny",
     )
     summary = run_study(settings)
-    results = {r["variant"]: r for r in summary["results"]}
-    assert results["missing"]["status"] == "failed" and "config not found" in results["missing"]["reason"]
-    assert results["broken"]["status"] == "failed" and "computes in 16-bit" in results["broken"]["reason"]
-    assert results["oom"]["status"] == "failed"
-    assert results["oom"]["reason"].startswith("out of memory: CUDA out of memory. Tried to allocate 28.00 GiB")
-    assert results["bf16-sdpa"]["status"] == "ok" and results["bf16-sdpa-math"]["status"] == "ok"
-    assert results["bf16-sdpa-math"]["kl_vs_reference"] < 1e-3  # same model, another SDPA kernel
+    results = {r.variant: r for r in summary.results}
+    assert results["missing"].status == "failed" and "config not found" in results["missing"].reason
+    assert results["broken"].status == "failed" and "computes in 16-bit" in results["broken"].reason
+    assert results["oom"].status == "failed"
+    assert results["oom"].reason.startswith("out of memory: CUDA out of memory. Tried to allocate 28.00 GiB")
+    assert results["bf16-sdpa"].ok and results["bf16-sdpa-math"].ok
+    assert results["bf16-sdpa-math"].kl_vs_reference < 1e-3  # same model, another SDPA kernel
     report = (tmp_path / "study" / "report.md").read_text()
     assert "| missing | failed: config not found" in report
+
+    # the fit command for the extension runs as printed, its class kept
+    assert summary.chosen is not None and summary.fit_command.startswith("smarter fit -c ")
+    args = shlex.split(fit_command(results["bf16-sdpa-math"], settings.overrides))
+    assert args[:2] == ["smarter", "fit"] and (tmp_path / args[3]).resolve() == pinned.resolve()
+    fit_args = [*args[2:], "--data.block_size", "64", "--data.eval_stride", "32", "--trainer.max_steps", "2"]
+    main(["fit", *fit_args, "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false"])
+    run = next((tmp_path / "runs" / "bf16-sdpa-math").glob("version_*"))
+    config = (run / "config.yaml").read_text()
+    assert "PinnedSdpaModule" in config and "sdpa_backend: math" in config
+    assert "r: 16" in config and "source: tiny" in config  # the LoRA recipe and the study's overrides
+    assert "train/loss" in scalars(run)
 
     # measured results are never overwritten by accident, and resuming keeps them
     with pytest.raises(ConfigError, match="already holds a study"):
@@ -116,8 +181,8 @@ def test_failed_variants_are_reported_and_the_rest_complete(tmp_path, monkeypatc
     before = json.loads((tmp_path / "study" / "variants" / "bf16-sdpa.json").read_text())
     settings.resume = True
     resumed = run_study(settings)
-    kept = {r["variant"]: r for r in resumed["results"]}["bf16-sdpa"]
-    assert kept["load_s"] == before["load_s"]
+    kept = {r.variant: r for r in resumed.results}["bf16-sdpa"]
+    assert kept.load_s == before["load_s"]
 
 
 def test_an_empty_prompt_file_is_refused_before_any_variant_runs(tmp_path):

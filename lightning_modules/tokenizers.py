@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
-from smarter.errors import ConfigError
+from foundation import ConfigError
 
 MISTRAL_V1_TOKENIZER = "mistral-v1"
 

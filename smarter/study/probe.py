@@ -24,7 +24,15 @@ from pathlib import Path
 
 import torch
 
-from foundation import GIB, ConfigError, atomic_torch_save, find_config_error, atomic_write_json, peak_host_rss_gib, synchronize
+from foundation import (
+    GIB,
+    ConfigError,
+    atomic_torch_save,
+    atomic_write_json,
+    find_config_error,
+    peak_host_rss_gib,
+    synchronize,
+)
 from smarter.study.records import KernelShare, VariantResult
 from smarter.study.settings import StudySettings, resolve_variant, variant_name
 

@@ -11,6 +11,7 @@ import json
 import os
 import resource
 import shutil
+import sys
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,38 @@ class ConfigError(ValueError):
         ConfigError._recent.add(self)
 
 
+class RunStopped(Exception):
+    """A run that stopped before its end for a reason the user must read (not a bug in the framework).
+
+    ``exit_code`` is the command's exit status; ``label`` leads the one-line message.
+    """
+
+    exit_code = 1
+    label = "error"
+
+
+class TrainingDiverged(RunStopped):
+    """The loss or the gradient norm stopped being finite."""
+
+    exit_code = 3
+
+
+class RunInterrupted(RunStopped):
+    """A signal (SIGTERM, SIGINT) asked the run to stop; it stopped at a clean point.
+
+    Args:
+        message: What was kept and how to go on.
+        signum: The signal; the exit status is ``128 + signum``, as a shell reports a signal.
+    """
+
+    label = "stopped"
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
 def find_config_error(error: BaseException) -> ConfigError | None:
     """The ``ConfigError`` behind ``error``: itself, one in its cause chain, or one whose message it embeds."""
     seen: set[int] = set()
@@ -48,6 +81,19 @@ def find_config_error(error: BaseException) -> ConfigError | None:
     text = str(error)
     embedded = [candidate for candidate in list(ConfigError._recent) if str(candidate) and str(candidate) in text]
     return max(embedded, key=lambda candidate: len(str(candidate)), default=None)
+
+
+def is_global_zero() -> bool:
+    """Whether this process is the first of its run (or the only one)."""
+    return (
+        os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+    )
+
+
+def notify(message: str) -> None:
+    """Tell the user something they must know (once per run, on the first process): ``smarter: note: ...``."""
+    if is_global_zero():
+        print(f"smarter: note: {message}", file=sys.stderr, flush=True)
 
 
 # ---- cache folder --------------------------------------------------------------------------------
@@ -91,6 +137,23 @@ def host_rss_gib() -> float:
 def peak_host_rss_gib() -> float:
     """Peak resident memory of this process so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+def check_writable_folder(path: str | os.PathLike, option: str) -> None:
+    """Refuse a folder that could not be created or written, without creating anything.
+
+    Args:
+        path: The folder a run will write into (it need not exist yet).
+        option: The setting that names it, for the message.
+    """
+    folder = Path(path).expanduser()
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{option}={str(path)!r} cannot be created: {existing} is a file; choose another folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option}={str(path)!r} is not writable ({existing} refuses writes); choose another folder.")
 
 
 # ---- atomic writes -------------------------------------------------------------------------------
@@ -149,6 +212,37 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     with atomic_path(path) as staging:
         torch.save(obj, staging)
     return Path(path)
+
+
+@contextmanager
+def held_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` for the block, or refuse at once if another process holds it.
+
+    The lock is the operating system's (``flock``): it goes when its process does, however it ends.
+
+    Args:
+        path: The lock file (created if missing; it holds the owner's pid).
+        what: What the lock protects, for the message.
+    """
+    import fcntl
+
+    lock_file = Path(path)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise ConfigError(f"{what} is in use by {owner}; wait for it to finish or stop it.") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ---- stages and labels ---------------------------------------------------------------------------

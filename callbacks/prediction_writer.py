@@ -32,12 +32,21 @@ class JsonlPredictionWriter(BasePredictionWriter):
         self.output_path = output_path
         self.path: Path | None = None
 
+    def target(self, trainer: L.Trainer) -> Path:
+        """The file this run writes."""
+        return Path(self.output_path) if self.output_path else Path(trainer.log_dir or ".") / "predictions.jsonl"
+
+    def check_target(self, trainer: L.Trainer) -> Path:
+        """Refuse an existing predictions file (before anything runs: nothing is changed)."""
+        path = self.target(trainer)
+        if path.exists():
+            raise ConfigError(f"{path} already exists; choose another output_path or move the old file away.")
+        return path
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
             return
-        path = Path(self.output_path) if self.output_path else Path(trainer.log_dir or ".") / "predictions.jsonl"
-        if path.exists():
-            raise ConfigError(f"{path} already exists; choose another output_path or move the old file away.")
+        path = self.check_target(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
 

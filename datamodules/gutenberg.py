@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from foundation import ConfigError
+from foundation import ConfigError, atomic_path
 
 TREASURE_ISLAND_URL = "https://www.gutenberg.org/cache/epub/120/pg120.txt"
 BOOK_PATH_ENV = "TREASURE_ISLAND_PATH"
@@ -46,21 +45,20 @@ def download_book(url: str, destination: Path, timeout_s: float = 30.0) -> Path:
     """
     from tqdm.auto import tqdm
 
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(destination.name + ".partial")
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with (
+            atomic_path(destination) as staging,
+            urllib.request.urlopen(url, timeout=timeout_s) as response,
+        ):
             total = int(response.headers.get("Content-Length") or 0) or None
             with (
-                open(partial, "wb") as out,
+                open(staging, "wb") as out,
                 tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {url}") as bar,
             ):
                 while chunk := response.read(1 << 16):
                     out.write(chunk)
                     bar.update(len(chunk))
-        os.replace(partial, destination)
     except OSError as error:
-        partial.unlink(missing_ok=True)
         raise BookUnavailableError(
             f"Could not download {url} ({error}). Give a local copy of the book: set "
             f"data.book_path in the config or the {BOOK_PATH_ENV} environment variable."

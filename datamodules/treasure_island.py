@@ -26,6 +26,7 @@ from datamodules.gutenberg import (
 )
 from datamodules.packing import make_eval_windows, pack_into_blocks, scored_bytes
 from datamodules.prompts import DEFAULT_PROMPTS, instruction_text, read_prompts_file
+from datamodules.sampling import EpochShuffleSampler, ResumableDataLoader
 from foundation import IGNORE_INDEX, ConfigError, atomic_torch_save, cache_folder
 from lightning_modules import MISTRAL_V1_TOKENIZER, InputRequirements, TextTokenizer, load_tokenizer
 
@@ -33,7 +34,11 @@ SPLITS = ("train", "val", "test")
 
 
 class TensorRowsDataset(Dataset):
-    """Rows of equally long tensors, served as dicts."""
+    """Rows of equally long tensors, served as dicts.
+
+    Index ``len(dataset)`` is a padding row: the first row with every label masked (``IGNORE_INDEX``),
+    which evens out shards across processes without scoring anything twice.
+    """
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         lengths = {len(t) for t in tensors.values()}
@@ -45,6 +50,10 @@ class TensorRowsDataset(Dataset):
         return len(next(iter(self.tensors.values())))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if index == len(self):
+            row = {key: value[0] for key, value in self.tensors.items()}
+            row["labels"] = torch.full_like(row["labels"], IGNORE_INDEX)
+            return row
         return {key: value[index] for key, value in self.tensors.items()}
 
 
@@ -103,6 +112,7 @@ class TreasureIslandDataModule(L.LightningDataModule):
         prompts_file: File of prompts for ``predict`` (one per line, or JSON Lines with
             ``prompt``); takes precedence over ``prompts``.
         chat_template: Wrap prompts in Mistral's ``[INST] ... [/INST]`` instruction format.
+        seed: Seed of the training order (each epoch is a fresh shuffle of it).
         model_requirements: What the model needs of the text (its tokenizer, maximum positions and
             vocabulary). The ``smarter`` command links it from the model; unset means the Mistral v1
             tokenizer and no length check.
@@ -124,6 +134,7 @@ class TreasureIslandDataModule(L.LightningDataModule):
         prompts: list[str] | None = None,
         prompts_file: str | None = None,
         chat_template: bool = True,
+        seed: int = 0,
         model_requirements: InputRequirements | None = None,
     ) -> None:
         super().__init__()
@@ -170,6 +181,7 @@ class TreasureIslandDataModule(L.LightningDataModule):
         if not self.prompts or not all(p.strip() for p in self.prompts):
             raise ConfigError("data.prompts must hold at least one non-empty prompt.")
         self.chat_template = chat_template
+        self.seed = seed
         self.datasets: dict[str, TensorRowsDataset] = {}
         self.splits: BookSplits | None = None
         self._tokenizer: TextTokenizer | None = None
@@ -235,6 +247,13 @@ class TreasureIslandDataModule(L.LightningDataModule):
             self._tokenizer = tokenizer
         return self._tokenizer
 
+    def check_ready(self) -> None:
+        """Get the book (downloading it if needed), split it and load the tokenizer, so that a missing
+        book, a chapter that does not exist or a tokenizer that cannot load is refused before a run starts."""
+        self.prepare_data()
+        self.load_splits()
+        _ = self.tokenizer
+
     def load_splits(self) -> BookSplits:
         """Read, clean and split the book by chapter."""
         if self.splits is None:
@@ -250,7 +269,7 @@ class TreasureIslandDataModule(L.LightningDataModule):
             "eval_stride": self.eval_stride,
             "val": self.val_chapters,
             "test": self.test_chapters,
-            "format": 2,
+            "format": 3,
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -305,13 +324,10 @@ class TreasureIslandDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.datasets["train"],
-            batch_size=self.batch_size,
-            shuffle=True,
-            num_workers=self.num_workers,
-            drop_last=False,
-        )
+        """Training blocks in a fresh order each epoch (from ``seed``), sharded across processes, resumable."""
+        dataset = self.datasets["train"]
+        sampler = EpochShuffleSampler(len(dataset), seed=self.seed)
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

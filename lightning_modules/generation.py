@@ -1,17 +1,37 @@
 """Timed batch-1 decoding with a KV cache: time to first token, decode tokens/s, total latency.
 
 A short loop around the model's forward (prefill once, then one token per step), with the GPU
-synchronized around the timed regions. Prefill keeps only the last position's logits.
+synchronized around the timed regions. Prefill keeps only the last position's logits. Two caches:
+
+- ``dynamic``: transformers' ``DynamicCache``, growing each step (works everywhere);
+- ``static``: a ``StaticCache`` allocated once for the longest sequence; with ``static-compiled`` the
+  one-token step is ``torch.compile``-d with CUDA graphs (``mode="reduce-overhead"``), so a decode
+  step is one graph replay instead of hundreds of kernel launches. Batch-1 decode is launch-bound,
+  so this is where its speed is.
+
+``auto`` picks ``static-compiled`` on a CUDA GPU and ``dynamic`` elsewhere.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from foundation import ConfigError, synchronize
+
+Decoder = Literal["auto", "dynamic", "static", "static-compiled"]
+
+
+def resolve_decoder(decoder: str, device: torch.device) -> str:
+    """The decoder for this device: ``auto`` is ``static-compiled`` on a CUDA GPU, ``dynamic`` elsewhere."""
+    if decoder == "auto":
+        return "static-compiled" if device.type == "cuda" else "dynamic"
+    if decoder == "static-compiled" and device.type != "cuda":
+        raise ConfigError("model.generation.decoder=static-compiled needs a CUDA GPU; use auto, static or dynamic.")
+    return decoder
 
 
 @dataclass
@@ -26,7 +46,9 @@ class GenerationSettings:
         seed: Seed of the sampler (each prompt gets ``seed + prompt index``).
         stop_at_eos: Stop at EOS; set False to always generate ``max_new_tokens`` (fixed-length
             timing: checking for EOS forces a host sync every step).
-        warmup: Untimed generations before the first prompt (kernel selection, allocator, caches).
+        warmup: Untimed generations before the first prompt (kernel selection, allocator, caches,
+            and the compilation of ``static-compiled``), on the real prompts' shapes.
+        decoder: ``auto``, ``dynamic``, ``static`` or ``static-compiled`` (see the module docstring).
     """
 
     max_new_tokens: int = 64
@@ -36,6 +58,7 @@ class GenerationSettings:
     seed: int = 0
     stop_at_eos: bool = False
     warmup: int = 1
+    decoder: Decoder = "auto"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -46,6 +69,20 @@ class GenerationSettings:
             raise ConfigError(f"model.generation.top_p must be in (0, 1], got {self.top_p}.")
         if self.warmup < 0:
             raise ConfigError(f"model.generation.warmup must be >= 0, got {self.warmup}.")
+        if self.decoder not in ("auto", "dynamic", "static", "static-compiled"):
+            raise ConfigError(
+                f"model.generation.decoder={self.decoder!r}; choose auto, dynamic, static or static-compiled."
+            )
+
+
+def check_generation_fits(prompt_tokens: int, max_new_tokens: int, max_positions: int, which: str = "a prompt") -> None:
+    """Refuse a generation that would run past the model's positions (it would fail, or run on garbage)."""
+    if prompt_tokens + max_new_tokens > max_positions:
+        raise ConfigError(
+            f"{which} has {prompt_tokens} tokens; with model.generation.max_new_tokens={max_new_tokens} that is "
+            f"{prompt_tokens + max_new_tokens} positions, beyond the model's {max_positions}. Shorten the prompt "
+            "or lower model.generation.max_new_tokens."
+        )
 
 
 @dataclass
@@ -76,6 +113,51 @@ def _choose(logits: torch.Tensor, settings: GenerationSettings, generator: torch
     return torch.multinomial(probs, 1, generator=generator)
 
 
+class StaticCacheDecoder:
+    """Batch-1 decoding into a ``StaticCache`` of ``max_cache_len`` positions, allocated once.
+
+    With ``compiled``, the one-token step (forward, last-position logits) runs under
+    ``torch.compile(mode="reduce-overhead")``: CUDA graphs replay the whole step. Outputs of a replayed
+    graph are overwritten by the next replay, so each step marks a new graph step and copies what it
+    keeps (the chosen token).
+
+    Args:
+        model: A Hugging Face causal LM (peft-wrapped or not), in eval mode.
+        max_cache_len: Positions the cache holds: at least the longest prompt plus its new tokens.
+        compiled: Compile the one-token step with CUDA graphs (GPU only).
+    """
+
+    def __init__(self, model: torch.nn.Module, max_cache_len: int, compiled: bool) -> None:
+        from transformers import StaticCache
+
+        self.model = model
+        self.max_cache_len = max_cache_len
+        config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+        self.cache = StaticCache(config=config, max_cache_len=max_cache_len)
+        self.compiled = compiled
+        self._step = torch.compile(self._one_token, mode="reduce-overhead", fullgraph=False) if compiled else None
+
+    def _one_token(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=token, past_key_values=self.cache, cache_position=position, use_cache=True)
+        return out.logits[:, -1]  # (1, vocab)
+
+    def step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Logits ``(1, vocab)`` after ``token`` ``(1, 1)`` at ``position`` ``(1,)``."""
+        if self._step is None:
+            return self._one_token(token, position)
+        torch.compiler.cudagraph_mark_step_begin()
+        return self._step(token, position).clone()
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Reset the cache and read the prompt ``(1, prompt_len)``; last-position logits ``(1, vocab)``."""
+        self.cache.reset()
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        out = self.model(
+            input_ids=input_ids, past_key_values=self.cache, cache_position=positions, use_cache=True, logits_to_keep=1
+        )
+        return out.logits[:, -1]
+
+
 @torch.inference_mode()
 def generate_timed(
     model: torch.nn.Module,
@@ -83,6 +165,7 @@ def generate_timed(
     settings: GenerationSettings,
     eos_id: int | None = None,
     sample_seed: int | None = None,
+    static_decoder: StaticCacheDecoder | None = None,
 ) -> TimedGeneration:
     """Decode after ``input_ids`` ``(1, prompt_len)`` and time it.
 
@@ -92,27 +175,42 @@ def generate_timed(
         settings: Decoding settings.
         eos_id: End-of-sequence id, used when ``settings.stop_at_eos``.
         sample_seed: Seed of this generation's sampler.
+        static_decoder: Decode into this static cache (unset: a ``DynamicCache``).
     """
     from transformers import DynamicCache
 
     device = input_ids.device
+    prompt_len = input_ids.shape[1]
+    if static_decoder is not None and prompt_len + settings.max_new_tokens > static_decoder.max_cache_len:
+        raise ConfigError(
+            f"a prompt of {prompt_len} tokens plus {settings.max_new_tokens} new ones does not fit the static "
+            f"cache of {static_decoder.max_cache_len} positions."
+        )
     generator = None
     if settings.do_sample:
         generator = torch.Generator(device=device)
         generator.manual_seed(settings.seed if sample_seed is None else sample_seed)
-    cache = DynamicCache()
+    cache = DynamicCache() if static_decoder is None else None
     synchronize(device)
     start = time.perf_counter()
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    token = _choose(out.logits[:, -1], settings, generator)  # (1, 1)
+    if static_decoder is None:
+        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    else:
+        logits = static_decoder.prefill(input_ids)
+    token = _choose(logits, settings, generator)  # (1, 1)
     tokens = [token]
     synchronize(device)
     first = time.perf_counter()
+    position = torch.tensor([prompt_len], device=device)
     for _ in range(settings.max_new_tokens - 1):
         if settings.stop_at_eos and eos_id is not None and int(token) == eos_id:
             break
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        token = _choose(out.logits[:, -1], settings, generator)
+        if static_decoder is None:
+            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+        else:
+            logits = static_decoder.step(token, position)
+            position = position + 1
+        token = _choose(logits, settings, generator)
         tokens.append(token)
     synchronize(device)
     end = time.perf_counter()

@@ -14,8 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
-from foundation import IGNORE_INDEX, ConfigError
-from lightning_modules.generation import GenerationSettings, generate_timed
+from foundation import IGNORE_INDEX, ConfigError, TrainingDiverged, notify
+from lightning_modules.checkpoints import (
+    capture_rng_state,
+    read_checkpoint,
+    refusal_message,
+    restore_rng_state,
+    setting_differences,
+)
+from lightning_modules.generation import (
+    GenerationSettings,
+    StaticCacheDecoder,
+    check_generation_fits,
+    generate_timed,
+    resolve_decoder,
+)
 from lightning_modules.metrics import TokenNLLMetric
 from lightning_modules.model_building import (
     InputRequirements,
@@ -28,7 +41,9 @@ from lightning_modules.schedules import WarmupConstant, WarmupCosine
 from lightning_modules.tokenizers import TextTokenizer, load_tokenizer
 
 # Checkpoints hold these (hyperparameters, scheduler state); resuming loads with weights_only=True.
-torch.serialization.add_safe_globals([LoraSettings, GenerationSettings, WarmupCosine, WarmupConstant])
+torch.serialization.add_safe_globals(
+    [LoraSettings, GenerationSettings, InputRequirements, WarmupCosine, WarmupConstant]
+)
 
 Optimizer = Literal["adamw", "adamw-8bit", "paged-adamw-8bit"]
 Schedule = Literal["cosine", "constant"]
@@ -70,6 +85,12 @@ class MistralModule(L.LightningModule):
             raise ConfigError(f"model.learning_rate must be > 0, got {learning_rate}.")
         if warmup_steps < 0:
             raise ConfigError(f"model.warmup_steps must be >= 0, got {warmup_steps}.")
+        if weight_decay < 0:
+            raise ConfigError(f"model.weight_decay must be >= 0, got {weight_decay}.")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ConfigError(f"model.min_lr_ratio must be between 0 and 1, got {min_lr_ratio}.")
+        if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ConfigError(f"model.betas must be two numbers in [0, 1), got {list(betas)}.")
         if optimizer not in ("adamw", "adamw-8bit", "paged-adamw-8bit"):
             raise ConfigError(
                 f"model.optimizer={optimizer!r} is not supported; choose adamw, adamw-8bit or paged-adamw-8bit."
@@ -109,7 +130,12 @@ class MistralModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Refuse a run that cannot train before any weights load."""
-        if stage == "fit" and self.spec.quantization != "none" and self.spec.lora is None:
+        if stage == "fit":
+            self.check_can_fit()
+
+    def check_can_fit(self) -> None:
+        """Refuse a configuration that ``fit`` could not train."""
+        if self.spec.quantization != "none" and self.spec.lora is None:
             raise ConfigError(
                 f"model.quantization={self.spec.quantization} freezes the base weights, so fit "
                 "would train nothing; set model.lora (QLoRA) or model.quantization: none."
@@ -144,8 +170,29 @@ class MistralModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         nll_sum, tokens = self.token_nll(batch)
         loss = nll_sum / tokens.clamp_min(1)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"training diverged: train/loss is {loss.item()} at step {self.global_step + 1} (epoch "
+                f"{self.current_epoch}, batch {batch_idx}); no checkpoint was written from it. Lower "
+                "model.learning_rate or set trainer.gradient_clip_val, then resume from the last checkpoint."
+            )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the gradient norm of what trains, and stop the run before a non-finite one reaches the weights."""
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is None and not torch.isfinite(norm):  # with a grad scaler, an inf step is skipped, not fatal
+            raise TrainingDiverged(
+                f"training diverged: the gradient norm is {norm.item()} at step {self.global_step + 1} "
+                f"(epoch {self.current_epoch}); the weights were not updated with it. Lower model.learning_rate "
+                "or set trainer.gradient_clip_val, then resume from the last checkpoint."
+            )
+        self.log("train/grad_norm", norm, batch_size=1)
 
     def _evaluate(self, batch: dict[str, torch.Tensor], metric: TokenNLLMetric) -> None:
         nll_sum, tokens = self.token_nll(batch)
@@ -184,21 +231,33 @@ class MistralModule(L.LightningModule):
         return self._tokenizer
 
     def on_predict_start(self) -> None:
-        """Untimed warm-up generations, so the first prompt's timings are not cold-start ones."""
-        warm_prompt = torch.tensor([[self.tokenizer.bos_id, *self.tokenizer.encode("[INST] Hello [/INST]")]])
-        warm_settings = GenerationSettings(max_new_tokens=min(8, self.generation.max_new_tokens))
+        """Pick the decoder and warm it up untimed on the real shapes (the longest prompt, the configured
+        number of new tokens), so the first prompt is timed like the rest."""
+        loaders = self.trainer.predict_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        # the prompts themselves (iterating the loader here would consume the loop's own pass over it)
+        prompts = [item["input_ids"] for loader in loaders for item in loader.dataset]
+        longest = max(prompts, key=len)[None].to(self.device)  # (1, prompt_len)
+        kind = resolve_decoder(self.generation.decoder, self.device)
+        self.static_decoder = None
+        if kind != "dynamic":
+            cache_len = -(-(longest.shape[1] + self.generation.max_new_tokens) // 128) * 128
+            cache_len = min(cache_len, self.max_positions)
+            self.static_decoder = StaticCacheDecoder(self.model, cache_len, compiled=kind == "static-compiled")
         for _ in range(self.generation.warmup):
-            generate_timed(self.model, warm_prompt.to(self.device), warm_settings)
+            generate_timed(self.model, longest, self.generation, static_decoder=self.static_decoder)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Generate a completion for one prompt and report its timings."""
         input_ids = batch["input_ids"]  # (1, prompt_len)
+        check_generation_fits(input_ids.shape[1], self.generation.max_new_tokens, self.max_positions)
         result = generate_timed(
             self.model,
             input_ids,
             self.generation,
             eos_id=self.tokenizer.eos_id,
             sample_seed=self.generation.seed + batch_idx,
+            static_decoder=getattr(self, "static_decoder", None),
         )
         return {
             "prompt": batch["prompt"],
@@ -231,18 +290,107 @@ class MistralModule(L.LightningModule):
 
             cls = bnb.optim.AdamW8bit if hp.optimizer == "adamw-8bit" else bnb.optim.PagedAdamW8bit
             optimizer = cls(params, **kwargs)
-        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        # The run's length is set in on_train_start: asking Lightning for it here would build the train
+        # loader before a checkpoint's loader state is registered, and a mid-epoch resume would then
+        # restart the epoch (Lightning 2.6).
         if hp.schedule == "cosine":
-            multiplier = WarmupCosine(hp.warmup_steps, total_steps, hp.min_lr_ratio)
+            multiplier = WarmupCosine(hp.warmup_steps, total_steps=1, min_ratio=hp.min_lr_ratio)
         else:
             multiplier = WarmupConstant(hp.warmup_steps)
         scheduler = LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ---- checkpoints ---------------------------------------------------------------------
+    # ---- checkpoints and resuming --------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """With adapters, keep only trainable weights; the frozen base rebuilds from the spec."""
-        if self.spec.lora is None:
+        """Keep what a resume needs: the weights that train (with adapters, only those; the frozen base
+        rebuilds from the spec) and the random generators. Never writes non-finite weights."""
+        if self.spec.lora is not None:
+            trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise TrainingDiverged(
+                f"refusing to write a checkpoint with non-finite weights ({bad[0]} and {len(bad) - 1} more) "
+                f"at step {self.global_step}; the last checkpoint on disk is the last good one."
+            )
+        checkpoint["rng_states"] = capture_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume this run as configured: refuse a checkpoint of another model, say which settings differ
+        (the configured ones are used), keep this run's own schedule length, and restore the random
+        generators just before the first resumed batch."""
+        refusals, notes = setting_differences(dict(self.hparams), checkpoint.get("hyper_parameters") or {})
+        if refusals:
+            raise ConfigError(refusal_message("being loaded", refusals))
+        for note in notes:
+            notify(f"{note}; using the configured value.")
+        for scheduler_state in checkpoint.get("lr_schedulers", []):
+            if "lr_lambdas" in scheduler_state:  # the schedule's length comes from this run, not the checkpoint
+                scheduler_state["lr_lambdas"] = [None] * len(scheduler_state["lr_lambdas"])
+        self._rng_to_restore = checkpoint.get("rng_states")
+        self._resumed = True
+
+    def on_train_start(self) -> None:
+        """Size the schedule to this run's length; after a resume, the configured optimizer settings
+        (not the checkpoint's) apply from the next step on."""
+        if not self.trainer.optimizers:
             return
-        trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items() if key in trainable}
+        hp = self.hparams
+        optimizer = self.trainer.optimizers[0]
+        resumed = getattr(self, "_resumed", False)
+        if resumed:
+            for group in optimizer.param_groups:
+                group.update(initial_lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, LambdaLR):
+                for multiplier in scheduler.lr_lambdas:
+                    if hasattr(multiplier, "total_steps"):
+                        multiplier.total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+                if resumed:
+                    scheduler.base_lrs = [hp.learning_rate] * len(optimizer.param_groups)
+                for group, multiplier, base in zip(
+                    optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs, strict=True
+                ):
+                    group["lr"] = base * multiplier(scheduler.last_epoch)
+                scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        state = getattr(self, "_rng_to_restore", None)
+        if state is not None:
+            restore_rng_state(state)
+            self._rng_to_restore = None
+
+
+def load_trained(path: str, device: torch.device | str = "cpu", what: str = "ckpt_path") -> MistralModule:
+    """The module a checkpoint was trained as (its class and settings), with its trained weights, on ``device``.
+
+    Raises:
+        ConfigError: when the file is not a readable checkpoint of this framework, or its weights do
+            not fit the model its settings describe.
+    """
+    import importlib
+
+    checkpoint = read_checkpoint(path, what)
+    hparams = dict(checkpoint["hyper_parameters"])
+    class_path = hparams.pop("_class_path", "lightning_modules.MistralModule")
+    hparams.pop("_instantiator", None)
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        raise ConfigError(f"{path} was trained with {class_path}, which cannot be imported here.") from None
+    if not (isinstance(cls, type) and issubclass(cls, MistralModule)):
+        raise ConfigError(f"{path} was trained with {class_path}, which is not a MistralModule.")
+    module = cls(**hparams)
+    module.model = module.build_model(torch.device(device))
+    trainable = {f"model.{n}" for n, p in module.model.named_parameters() if p.requires_grad}
+    result = module.load_state_dict(checkpoint["state_dict"], strict=False)
+    missing = sorted(trainable & set(result.missing_keys)) if module.spec.lora else sorted(result.missing_keys)
+    if missing or result.unexpected_keys:
+        raise ConfigError(
+            f"{path} does not hold the weights its settings describe (missing {missing[:2]}, unexpected "
+            f"{result.unexpected_keys[:2]}); the file was altered or written by another model."
+        )
+    module.model.eval()
+    return module

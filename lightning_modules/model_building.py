@@ -135,7 +135,8 @@ def resolve_model_config(source: str, preset_overrides: dict | None = None):
             "or a hub id of the form 'org/name'; fix model.source."
         )
     try:
-        return AutoConfig.from_pretrained(str(Path(source).expanduser()) if not looks_like_hub_id else source)
+        location = str(Path(source).expanduser()) if not looks_like_hub_id else source
+        return AutoConfig.from_pretrained(location, trust_remote_code=False)  # never runs a repository's code
     except OSError as error:
         raise ConfigError(
             f"Could not read the config of model.source={source!r} ({error}). Give a local "

@@ -35,6 +35,9 @@ class TextTokenizer(Protocol):
     def token_byte_lengths(self) -> list[int]:
         """UTF-8 bytes each token id stands for (0 for control tokens)."""
 
+    def save(self, folder: Path) -> None:
+        """Write files that ``transformers.AutoTokenizer.from_pretrained(folder)`` loads as this tokenizer."""
+
 
 def mistral_v1_tokenizer_path() -> Path:
     """Path of the Mistral-7B v0.1/v0.2 SentencePiece model shipped in ``mistral-common``."""
@@ -76,6 +79,18 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
+    def save(self, folder: Path) -> None:
+        import shutil
+        import tempfile
+
+        from transformers import LlamaTokenizerFast
+
+        with tempfile.TemporaryDirectory() as scratch:
+            shutil.copy(self.model_file, Path(scratch) / "tokenizer.model")
+            converted = LlamaTokenizerFast.from_pretrained(scratch)
+        converted.save_pretrained(folder)
+        shutil.copy(self.model_file, Path(folder) / "tokenizer.model")
+
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(list(ids))
 
@@ -109,7 +124,7 @@ class HuggingFaceTokenizer:
     def __post_init__(self) -> None:
         from transformers import AutoTokenizer
 
-        self._tok = AutoTokenizer.from_pretrained(self.source)
+        self._tok = AutoTokenizer.from_pretrained(self.source, trust_remote_code=False)
         if self._tok.bos_token_id is None or self._tok.eos_token_id is None:
             raise ConfigError(
                 f"The tokenizer of {self.source!r} has no BOS or EOS token; "
@@ -124,11 +139,18 @@ class HuggingFaceTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tok(text, add_special_tokens=False)["input_ids"])
 
+    def save(self, folder: Path) -> None:
+        self._tok.save_pretrained(folder)
+
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
     def token_byte_lengths(self) -> list[int]:
+        """Bytes each token adds to text, measured after an anchor token so that no decoder strips a
+        leading space (SentencePiece decoders drop the first token's ``▁``)."""
         special = set(self._tok.all_special_ids)
+        anchor = self._tok.convert_ids_to_tokens(self.encode("a"))
+        anchor_bytes = len(self._tok.convert_tokens_to_string(anchor).encode("utf-8"))
         lengths = []
         for token_id in range(self.vocab_size):
             if token_id in special:
@@ -138,7 +160,8 @@ class HuggingFaceTokenizer:
             if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
                 lengths.append(1)  # SentencePiece byte fallback
             else:
-                lengths.append(len(self._tok.convert_tokens_to_string([piece]).encode("utf-8")))
+                text = self._tok.convert_tokens_to_string([*anchor, piece])
+                lengths.append(len(text.encode("utf-8")) - anchor_bytes)
         return lengths
 
 
@@ -154,4 +177,12 @@ def load_tokenizer(source: str = MISTRAL_V1_TOKENIZER) -> TextTokenizer:
         return SentencePieceTokenizer(mistral_v1_tokenizer_path())
     if source.endswith(".model") and Path(source).is_file():
         return SentencePieceTokenizer(Path(source))
-    return HuggingFaceTokenizer(source)
+    try:
+        return HuggingFaceTokenizer(source)
+    except (OSError, ValueError, TypeError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(
+            f"No tokenizer could be loaded from {source!r} ({type(error).__name__}); give a folder or hub id "
+            "holding the model's tokenizer, a SentencePiece .model file, or 'mistral-v1'."
+        ) from None

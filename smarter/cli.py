@@ -13,13 +13,19 @@ import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from callbacks.checkpoint_io import AtomicCheckpointIO
+from callbacks.interruption import StopOnSignal
+from callbacks.model_export import ExportAtFitEnd
 from callbacks.prediction_writer import JsonlPredictionWriter
 from datamodules.treasure_island import TreasureIslandDataModule
-from foundation import find_config_error
+from foundation import ConfigError, RunStopped, check_writable_folder, find_config_error
+from lightning_modules.checkpoints import read_checkpoint, refusal_message, setting_differences
+from lightning_modules.generation import check_generation_fits
 from lightning_modules.mistral_module import MistralModule
 from smarter.config_files import expand_config_arguments, run_name
 
@@ -95,22 +101,23 @@ def requirements_of(model: MistralModule):
 
 
 class SmarterCLI(LightningCLI):
-    """LightningCLI with this framework's defaults.
+    """LightningCLI with this framework's defaults and checks.
 
     - TensorBoard logs under ``runs/<run name>/``, the run named after the first config file given;
     - the data module receives the model's ``input_requirements`` (its tokenizer, maximum positions
       and vocabulary), linked here, so neither reaches into the other at run time;
-    - ``predict`` always writes ``predictions.jsonl`` in the run's log folder (unless a
-      ``JsonlPredictionWriter`` is configured with its own path).
+    - ``--ckpt_path`` is checked against the configured model before anything loads, and never
+      replaces a configured setting (Lightning's CLI would take the checkpoint's);
+    - checkpoints are written atomically; SIGTERM / SIGINT stop at a clean point (``StopOnSignal``);
+      ``fit`` exports the trained model when it ends (``ExportAtFitEnd``); ``predict`` writes
+      ``predictions.jsonl`` in the run's log folder (unless a ``JsonlPredictionWriter`` is configured);
+    - before a run starts, its outputs are checked (writable folders, no predictions file to
+      overwrite, prompts that fit the model), so a refused run changes no file.
     """
 
     def __init__(self, *args, run_name: str = "default", **kwargs) -> None:
         self.run_name = run_name
         super().__init__(*args, **kwargs)
-
-    def before_predict(self) -> None:
-        if not any(isinstance(c, JsonlPredictionWriter) for c in self.trainer.callbacks):
-            self.trainer.callbacks.append(JsonlPredictionWriter())
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults(
@@ -127,6 +134,82 @@ class SmarterCLI(LightningCLI):
             "model", "data.init_args.model_requirements", compute_fn=requirements_of, apply_on="instantiate"
         )
 
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` against the configured model; take no setting from it.
+
+        Replaces LightningCLI's own step, which loads the checkpoint's hyperparameters over what the
+        user configured (a 3-layer checkpoint silently turning a 2-layer config into a 3-layer run).
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+            return
+        checkpoint = read_checkpoint(ckpt_path, what="--ckpt_path")
+        model_config = self.config[subcommand]["model"]
+        configured = model_config.init_args.as_dict() if hasattr(model_config, "init_args") else {}
+        refusals, _ = setting_differences(configured, checkpoint["hyper_parameters"])
+        if refusals:
+            raise ConfigError(refusal_message(ckpt_path, refusals))
+
+    def instantiate_trainer(self, **kwargs):
+        if not self._get(self.config_init, "trainer", default={}).get("plugins"):
+            kwargs.setdefault("plugins", [AtomicCheckpointIO()])
+        return super().instantiate_trainer(**kwargs)
+
+    # ---- before each run: its add-ons and its checks ------------------------------------------------
+    def _prepare_run(self, subcommand: str) -> None:
+        trainer = self.trainer
+        callbacks = trainer.callbacks
+        if subcommand == "fit" and not any(isinstance(c, ExportAtFitEnd) for c in callbacks):
+            callbacks.append(ExportAtFitEnd())
+        if subcommand == "predict" and not any(isinstance(c, JsonlPredictionWriter) for c in callbacks):
+            callbacks.append(JsonlPredictionWriter())
+        if not any(isinstance(c, StopOnSignal) for c in callbacks):
+            callbacks.append(StopOnSignal())  # last: it acts after the others have seen the batch
+        self._check_outputs(subcommand)
+
+    def _check_outputs(self, subcommand: str) -> None:
+        trainer = self.trainer
+        for logger in trainer.loggers:
+            root = getattr(logger, "root_dir", None) or getattr(logger, "save_dir", None)
+            if root:
+                check_writable_folder(root, "trainer.logger save_dir")
+        check_writable_folder(trainer.default_root_dir, "trainer.default_root_dir")
+        for callback in trainer.callbacks:
+            if isinstance(callback, JsonlPredictionWriter) and subcommand == "predict":
+                check_writable_folder(callback.target(trainer).parent, "the predictions folder")
+                callback.check_target(trainer)
+            exporting = isinstance(callback, ExportAtFitEnd) and subcommand == "fit" and callback.output_dir
+            if exporting and Path(callback.output_dir).exists():
+                raise ConfigError(f"export output_dir {callback.output_dir} already exists; choose another.")
+            dirpath = getattr(callback, "dirpath", None)
+            if dirpath:
+                check_writable_folder(dirpath, "the checkpoint folder")
+        if subcommand == "fit" and hasattr(self.model, "check_can_fit"):
+            self.model.check_can_fit()
+        if subcommand != "predict" and hasattr(self.datamodule, "check_ready"):
+            self.datamodule.check_ready()
+        if subcommand == "predict":
+            module, datamodule = self.model, self.datamodule
+            max_new = module.generation.max_new_tokens
+            for index, item in enumerate(datamodule.prompt_items()):
+                check_generation_fits(len(item["input_ids"]), max_new, module.max_positions, f"prompt {index + 1}")
+
+    def before_fit(self) -> None:
+        self._prepare_run("fit")
+
+    def before_validate(self) -> None:
+        self._prepare_run("validate")
+
+    def before_test(self) -> None:
+        self._prepare_run("test")
+
+    def before_predict(self) -> None:
+        self._prepare_run("predict")
+
 
 def quiet_known_warnings() -> None:
     """Silence warnings and notices this framework already handles, so real ones stand out."""
@@ -134,8 +217,11 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within Python.*")
+    warnings.filterwarnings("ignore", message=".*`past_key_values` is deprecated.*")  # renamed after 5.24
     for name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
         logging.getLogger(name).addFilter(lambda record: "💡 Tip:" not in record.getMessage())
+    # bitsandbytes on a CPU looks for an optional kernel package on every load and says so
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())
 
 
 def build_cli(args: list[str], run: bool = True) -> SmarterCLI:
@@ -181,6 +267,12 @@ def _compare(args: list[str]) -> None:
     compare_main(args)
 
 
+def _export(args: list[str]) -> None:
+    from smarter.export_command import export_main
+
+    export_main(args)
+
+
 COMMANDS: dict[str, Command] = {
     "fit": Command("Train (LoRA, QLoRA or full) on the book's training chapters.", _lightning("fit")),
     "validate": Command("Score the validation chapters: loss, perplexity, bits per byte.", _lightning("validate")),
@@ -189,6 +281,7 @@ COMMANDS: dict[str, Command] = {
     "compare": Command(
         "The variant study: speed, memory, kernels and quality of each variant, with a report.", _compare
     ),
+    "export": Command("Write a checkpoint's model as Hugging Face folders: PEFT adapter, merged, or whole.", _export),
 }
 
 
@@ -221,6 +314,9 @@ def main(args: list[str] | None = None) -> None:
         COMMANDS[name].run(rest)
     except SystemExit:
         raise
+    except RunStopped as stopped:
+        print(f"{PROG}: {stopped.label}: {stopped}", file=sys.stderr, flush=True)
+        raise SystemExit(stopped.exit_code) from None
     except Exception as error:
         config_error = find_config_error(error)
         if config_error is None:

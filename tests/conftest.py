@@ -9,6 +9,8 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# huggingface_hub reads this once, when first imported (test modules import transformers while collected)
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def _find_book() -> Path | None:
@@ -51,7 +53,7 @@ def fixed_seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def book_path() -> Path:
     if BOOK is None:
         pytest.skip("Treasure Island text not found: set TREASURE_ISLAND_PATH to pg120.txt")
@@ -62,3 +64,17 @@ def book_path() -> Path:
 def tiny_spec_kwargs() -> dict:
     """The DESIGN's test model: 2 layers, hidden 128, 4 heads, 2 KV heads, fp32, CPU."""
     return {"source": "tiny", "dtype": "float32"}
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's main job, run once for the session: ``smarter fit -c configs/tiny.yaml``; its run folder."""
+    if BOOK is None:
+        pytest.skip("Treasure Island text not found: set TREASURE_ISLAND_PATH to pg120.txt")
+    from smarter.cli import main
+
+    folder = tmp_path_factory.mktemp("quick-start")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        main(["fit", "-c", str(REPO_ROOT / "configs/tiny.yaml"), "--trainer.enable_progress_bar", "false"])
+    return folder / "runs" / "tiny" / "version_0"

@@ -1,9 +1,15 @@
-"""A user's subclass of the LightningModule, used to check that subclasses run through the CLI."""
+"""Users' extensions for the tests: module subclasses, and callbacks / plugins that interrupt a run."""
 
 from __future__ import annotations
 
+import io
+import os
+import signal
+
+import lightning as L
 import torch
 
+from callbacks import AtomicCheckpointIO
 from lightning_modules import MistralModule
 
 
@@ -34,3 +40,49 @@ class OutOfMemoryMistralModule(MistralModule):
 
     def build_model(self, device: torch.device) -> torch.nn.Module:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 28.00 GiB")
+
+
+class SignalAtStep(L.Callback):
+    """Sends a signal to this process after a given training step, or after a given predict batch.
+
+    Args:
+        step: Training step after which to send it (``global_step``).
+        predict_batch: Predict batch index after which to send it.
+        signum: The signal (15 is SIGTERM, 2 is SIGINT).
+    """
+
+    def __init__(self, step: int = -1, predict_batch: int = -1, signum: int = 15) -> None:
+        self.step, self.predict_batch, self.signum = step, predict_batch, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == self.predict_batch:
+            os.kill(os.getpid(), self.signum)
+
+
+class KilledWhileSaving(AtomicCheckpointIO):
+    """Writes the first checkpoint, then dies by SIGKILL halfway through writing the second."""
+
+    saves = 0
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        KilledWhileSaving.saves += 1
+        if KilledWhileSaving.saves < 2:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        real_save = torch.save
+
+        def half_then_die(obj, target, *args, **kwargs):
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            data = buffer.getvalue()
+            with open(target, "wb") as handle:
+                handle.write(data[: len(data) // 2])
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.save = half_then_die
+        return super().save_checkpoint(checkpoint, path, storage_options)

@@ -62,13 +62,13 @@ def test_help_lists_every_command_and_each_has_its_own_help(tmp_path):
     assert listed.returncode == 0
     for name in COMMANDS:
         assert f"  {name} " in listed.stdout
-    assert {"fit", "validate", "test", "predict", "compare"} <= set(COMMANDS)
+    assert {"fit", "validate", "test", "predict", "compare", "export"} <= set(COMMANDS)
     compare_help = run_smarter("compare", "--help", cwd=tmp_path)
     assert compare_help.returncode == 0 and "--variants" in compare_help.stdout
     unknown = run_smarter("comapre", cwd=tmp_path)
     assert unknown.returncode == 2
     assert error_lines(unknown.stderr) == [
-        "smarter: error: unknown command 'comapre'; choose one of fit, validate, test, predict, compare "
+        "smarter: error: unknown command 'comapre'; choose one of fit, validate, test, predict, compare, export "
         "(see `smarter --help`)"
     ]
 
@@ -183,14 +183,13 @@ def test_errors_raised_while_the_cli_builds_objects_are_one_line(tmp_path, args,
 
 
 @pytest.mark.slow
-def test_tiny_quick_start_learns_the_book(tmp_path, monkeypatch, book_path):
-    """The README's main job, as shipped: trains the tiny preset and cuts val perplexity."""
-    monkeypatch.chdir(tmp_path)
-    main(["fit", "-c", TINY, "--trainer.enable_progress_bar", "false"])
-    logged = scalars(tmp_path / "runs" / "tiny")
+def test_tiny_quick_start_learns_the_book_and_exports_it(trained_tiny):
+    """The README's main job, as shipped: trains the tiny preset, cuts val perplexity, exports the model."""
+    logged = scalars(trained_tiny)
     ppl = [value for _, value in logged["val/ppl"]]
     assert len(ppl) == 4
     assert ppl[-1] < 0.6 * ppl[0]
     assert ppl[-1] < 700  # beats a unigram model of the book (about 700)
-    assert {"train/loss", "val/loss", "val/bits_per_byte"} <= set(logged)
-    assert list((tmp_path / "runs" / "tiny").rglob("*.ckpt"))
+    assert {"train/loss", "train/grad_norm", "val/loss", "val/bits_per_byte"} <= set(logged)
+    assert list(trained_tiny.rglob("*.ckpt"))
+    assert (trained_tiny / "export" / "model" / "model.safetensors").is_file()

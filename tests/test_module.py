@@ -130,10 +130,11 @@ class _LossRecorder(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-# Training losses of the tiny preset at steps 1, 4, 8 and 12, stored from a run of this code (torch 2.13 CPU).
+# Training losses of the tiny preset at steps 1, 4, 8 and 12, stored from a run of this code (torch 2.13 CPU;
+# stored again after the training order became a per-epoch shuffle from data.seed).
 # A change in the model, the data, the loss, the optimizer or the schedule moves them: fix the cause,
 # or, when the change is meant, store the new values and say so in the commit.
-STORED_TINY_LOSSES = {1: 10.42856, 4: 9.76257, 8: 8.56343, 12: 8.06122}
+STORED_TINY_LOSSES = {1: 10.41075, 4: 9.79281, 8: 8.59010, 12: 8.32223}
 
 
 def test_the_tiny_training_run_reproduces_its_stored_losses(book_path):

@@ -10,7 +10,7 @@ import torch
 from datamodules.prompts import instruction_text, read_prompts_file
 from foundation import ConfigError
 from helpers import THROUGHPUT, TINY, scalars
-from lightning_modules import ModelSpec, load_causal_lm
+from lightning_modules import ModelSpec, load_causal_lm, load_tokenizer
 from lightning_modules.generation import GenerationSettings, generate_timed
 from smarter.cli import main
 
@@ -135,3 +135,19 @@ def test_bad_generation_settings_are_refused():
         GenerationSettings(max_new_tokens=0)
     with pytest.raises(ConfigError, match="top_p must be in"):
         GenerationSettings(top_p=0)
+
+
+@pytest.mark.slow
+def test_the_static_cache_decoder_gives_the_eager_loops_greedy_tokens_on_the_trained_model(trained_tiny):
+    from lightning_modules.generation import StaticCacheDecoder
+
+    model = load_causal_lm(ModelSpec(source=str(trained_tiny / "export" / "model"), dtype="float32")).eval()
+    tokenizer = load_tokenizer(str(trained_tiny / "export" / "model"))
+    decoder = StaticCacheDecoder(model, max_cache_len=128, compiled=False)
+    greedy, sampled = GenerationSettings(max_new_tokens=24), GenerationSettings(max_new_tokens=24, do_sample=True)
+    for text in ("Who is Long John Silver?", "The captain sat by the fire and"):
+        prompt = torch.tensor([[tokenizer.bos_id, *tokenizer.encode(instruction_text(text))]])
+        for settings in (greedy, sampled):
+            eager = generate_timed(model, prompt, settings, sample_seed=3).new_tokens
+            assert generate_timed(model, prompt, settings, sample_seed=3, static_decoder=decoder).new_tokens == eager
+        assert len(set(eager)) > 3  # sampled text varies: the caches agree beyond a repeated token

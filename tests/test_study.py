@@ -85,9 +85,12 @@ def test_results_round_trip_through_json():
 
 
 @pytest.mark.slow
-def test_the_six_variant_study_on_the_tiny_preset(tmp_path, monkeypatch, book_path, capsys):
+def test_the_six_variant_study_of_the_trained_tiny_model(trained_tiny, tmp_path, monkeypatch, capsys):
+    """The README's loop on a CPU: fit the tiny model (the session's quick start), then compare the six
+    variants of the model it exported: real perplexity, and quantization that shows in KL."""
     monkeypatch.chdir(tmp_path)
-    main(["compare", "--overrides", "--model.source tiny", "--output_dir", "study", *FAST])
+    model = trained_tiny / "export" / "model"
+    main(["compare", "--overrides", f"--model.source {model}", "--output_dir", "study", *FAST])
     out = tmp_path / "study"
     summary = json.loads((out / "results.json").read_text())
     results = {r["variant"]: VariantResult.from_dict(r) for r in summary["results"]}
@@ -109,16 +112,19 @@ def test_the_six_variant_study_on_the_tiny_preset(tmp_path, monkeypatch, book_pa
         for key in numeric:
             assert result.value(key) is not None, (name, key)
         assert result.top_kernels
+        assert result.val_ppl < 700  # the trained model, not random weights (which score ~30,000)
     assert results["bf16-sdpa"].kl_vs_reference == 0.0
     assert results["bf16-sdpa"].top1_agreement == 1.0
-    assert results["nf4-sdpa"].kl_vs_reference > 0  # 4-bit weights really differ
+    assert results["bf16-eager"].kl_vs_reference < 1e-3  # the same weights, another attention kernel
+    assert results["nf4-sdpa"].kl_vs_reference > 10 * results["bf16-eager"].kl_vs_reference  # 4-bit shows
+    assert results["int8-sdpa"].kl_vs_reference > results["bf16-eager"].kl_vs_reference  # LLM.int8 barely does
+    assert results["nf4-sdpa"].val_ppl != results["bf16-sdpa"].val_ppl
     with (out / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 6 and list(rows[0]) == ["variant", "status", *[c.key for c in COLUMNS]]
     report = (out / "report.md").read_text()
     assert sum(line.startswith(("| bf16-", "| int8-", "| nf4-")) for line in report.splitlines()) == 6
-    assert "Chosen for fine-tuning" in report and "-c configs/finetune/lora.yaml" not in report  # cwd is not the repo
-    assert str(REPO_ROOT / "configs" / "finetune" / "lora.yaml") in report
+    assert "Chosen for fine-tuning" in report and str(REPO_ROOT / "configs" / "finetune" / "lora.yaml") in report
     for plot in PLOT_NAMES:
         path = out / "plots" / f"{plot}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+
+from foundation import RunInterrupted
 from smarter.study.runner import run_study
 from smarter.study.settings import StudySettings
 
@@ -26,6 +29,16 @@ def compare_main(args: list[str]) -> None:
     parser.add_class_arguments(StudySettings, as_group=False)
     parsed = parser.parse_args(args)
     known = {key: value for key, value in vars(parsed).items() if key in StudySettings.__dataclass_fields__}
+
+    def stop(signum: int, frame) -> None:  # the runner then takes the running probe down with it
+        raise RunInterrupted(
+            f"{signal.Signals(signum).name} received: the study stopped; variants measured so far are in "
+            "results.json; continue with --resume true",
+            signum,
+        )
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
     summary = run_study(StudySettings(**known))
     print(f"\n[compare] report: {summary.output_dir / 'report.md'}")
     if summary.chosen is not None:

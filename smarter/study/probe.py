@@ -30,6 +30,7 @@ from foundation import (
     atomic_torch_save,
     atomic_write_json,
     find_config_error,
+    held_lock,
     peak_host_rss_gib,
     synchronize,
 )
@@ -51,6 +52,13 @@ class StudyPaths:
 
     def traces(self, name: str) -> Path:
         return self.root / "kernel_traces" / name
+
+    def lock(self, name: str) -> Path:
+        return self.root / "variants" / f".{name}.lock"
+
+    @property
+    def study_lock(self) -> Path:
+        return self.root / ".study.lock"
 
     @property
     def reference_log_probs(self) -> Path:
@@ -222,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = StudySettings.load(Path(args.settings))
     name = variant_name(args.variant)
+    paths = StudyPaths(Path(settings.output_dir))
     try:
-        result = probe(settings, args.variant)
+        with held_lock(paths.lock(name), f"variant {name} of {paths.root}"):  # never two probes of one variant
+            result = probe(settings, args.variant)
         code = 0
     except KeyboardInterrupt:
         raise
@@ -236,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             name, reason.strip()[:2000], config=args.variant, traceback=traceback.format_exc()[-4000:]
         )
         code = 1
-    atomic_write_json(StudyPaths(Path(settings.output_dir)).result(name), result.to_dict())
+    atomic_write_json(paths.result(name), result.to_dict())
     return code
 
 

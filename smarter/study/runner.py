@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datamodules.prompts import read_prompts_file
-from foundation import ConfigError, atomic_write_json
+from foundation import ConfigError, atomic_write_json, held_lock
 from smarter.study.chooser import choose_best, fit_command
 from smarter.study.probe import StudyPaths
 from smarter.study.records import VariantResult
@@ -57,6 +57,11 @@ def run_variant(entry: str, settings: StudySettings, paths: StudyPaths) -> Varia
     config = resolve_variant(entry)
     if not config.is_file():
         return VariantResult.failed(name, f"config not found: {config}", config=entry)
+    try:
+        with held_lock(paths.lock(name), f"variant {name}"):
+            pass  # free: no probe of this variant is still running from an interrupted study
+    except ConfigError as busy:
+        return VariantResult.failed(name, f"{busy} (a probe from an earlier, interrupted run)", config=entry)
     result_file = paths.result(name)
     result_file.unlink(missing_ok=True)  # a result left by an earlier, interrupted probe is not this one's
     command = [sys.executable, "-m", "smarter.study.probe", "--settings", str(paths.settings), "--variant", entry]
@@ -111,6 +116,11 @@ def run_study(settings: StudySettings) -> StudySummary:
     settings.output_dir = settings.output_dir or f"study/{time.strftime('%Y%m%d-%H%M%S')}"
     paths = StudyPaths(Path(settings.output_dir))
     previous = _previous_results(paths, settings)
+    with held_lock(paths.study_lock, f"the study folder {paths.root}"):
+        return _run_locked(settings, paths, previous)
+
+
+def _run_locked(settings: StudySettings, paths: StudyPaths, previous: dict[str, VariantResult]) -> StudySummary:
     for sub in ("variants", "logs", "kernel_traces", "plots"):
         (paths.root / sub).mkdir(parents=True, exist_ok=True)
     settings.save(paths.settings)

@@ -1,0 +1,88 @@
+"""SIGTERM or SIGINT stops a run at the next clean point and keeps what it made.
+
+- ``fit``: after the current training batch, a checkpoint is written atomically
+  (``interrupted-step<N>.ckpt`` in the checkpoint folder), its path is printed, and the run exits with
+  ``128 + signal``. Resuming from it with ``--ckpt_path`` continues exactly (data order, schedule,
+  random generators).
+- ``validate`` / ``test`` / ``predict``: after the current batch; predictions already written are kept.
+
+With several processes, a signal that reaches any of them stops all of them at the same step. A second
+signal while stopping aborts at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from callbacks.stage_hooks import StageCallback
+from foundation import RunInterrupted, Stage
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def checkpoint_folder(trainer: L.Trainer) -> Path:
+    """Where this run's checkpoints go: the checkpoint callback's folder, else ``<log dir>/checkpoints``."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and getattr(callback, "dirpath", None):
+        return Path(callback.dirpath)
+    return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+
+
+class StopOnSignal(StageCallback):
+    """Turn SIGTERM / SIGINT into a clean stop (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # asked twice: stop now
+            self._restore_handlers()
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.received = None
+        if threading.current_thread() is not threading.main_thread() or self._previous:
+            return
+        for signum in HANDLED_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_handlers()
+
+    def _stop_requested(self, trainer: L.Trainer) -> bool:
+        if trainer.world_size > 1:  # every process stops together, whichever one got the signal
+            return bool(trainer.strategy.reduce_boolean_decision(self.received is not None, all=False))
+        return self.received is not None
+
+    def on_stage_batch_end(
+        self, stage: Stage, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any
+    ) -> None:
+        fitting = getattr(trainer.state.fn, "value", None) == "fit"
+        if (fitting and stage != "train") or not self._stop_requested(trainer):
+            return
+        signum = self.received or signal.SIGTERM
+        name = signal.Signals(signum).name
+        if stage == "train":
+            path = checkpoint_folder(trainer) / f"interrupted-step{trainer.global_step}.ckpt"
+            trainer.save_checkpoint(path)
+            raise RunInterrupted(
+                f"{name} received: stopped after step {trainer.global_step}; checkpoint written to {path}. "
+                f"Resume with the same command and --ckpt_path {path}",
+                signum,
+            )
+        raise RunInterrupted(
+            f"{name} received: {stage} stopped after the current batch; what it wrote is kept.", signum
+        )

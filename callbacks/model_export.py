@@ -1,0 +1,50 @@
+"""When ``fit`` ends normally, write the trained model where it can be used without this framework."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from foundation import ConfigError, notify
+from lightning_modules import export_trained_model
+
+
+class ExportAtFitEnd(Callback):
+    """Export the trained model when ``fit`` completes (not when it is interrupted or diverges).
+
+    Writes ``adapter/`` (PEFT) for LoRA runs, plus ``merged/`` when asked, or ``model/`` for a full
+    fine-tune; ``smarter export`` writes the same from any checkpoint.
+
+    Args:
+        output_dir: Folder to write; unset means ``<log dir>/export``. An existing folder is never
+            overwritten: the run refuses to start.
+        merged: Also write the adapter merged into its (dequantized) base.
+    """
+
+    def __init__(self, output_dir: str | None = None, merged: bool = False) -> None:
+        super().__init__()
+        self.output_dir = output_dir
+        self.merged = merged
+        self.written: list[Path] = []
+
+    def folder(self, trainer: L.Trainer) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "export"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.output_dir and Path(self.output_dir).exists():
+            raise ConfigError(
+                f"export output_dir {self.output_dir} already exists; choose another folder or move it away."
+            )
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            folder = self.folder(trainer)
+            self.written = export_trained_model(
+                pl_module.model, pl_module.spec, folder, merged=self.merged, global_step=trainer.global_step
+            )
+            notify(f"exported the trained model to {', '.join(str(p) for p in self.written)}")
+        trainer.strategy.barrier("smarter-export")

@@ -1,0 +1,213 @@
+"""Every bad input is one line, ``smarter: error: ...``, exit status 2, no traceback, and changes no file.
+
+The cases here are listed, with their messages, in docs/bad_input.md (a test keeps the two in step);
+``WRITE_BAD_INPUT_TABLE=1 python -m pytest tests/test_bad_input.py`` rewrites that table from the messages seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+from helpers import QUIET, TINY
+from smarter.cli import main
+
+VALIDATE = ["validate", "-c", TINY, *QUIET]
+FIT = ["fit", "-c", TINY, *QUIET]
+PREDICT = ["predict", "-c", TINY, *QUIET]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: what the user typed (``{tmp}`` is a scratch folder) and a part of the expected message."""
+
+    name: str
+    args: list[str]
+    expected: str
+
+
+CASES = [
+    Case("block size below 2", [*VALIDATE, "--data.block_size", "1"], "data.block_size must be >= 2, got 1."),
+    Case("batch size 0", [*FIT, "--data.batch_size", "0"], "data.batch_size must be >= 1, got 0."),
+    Case("eval batch size 0", [*VALIDATE, "--data.eval_batch_size", "0"], "data.eval_batch_size must be >= 1"),
+    Case("eval stride 0", [*VALIDATE, "--data.eval_stride", "0"], "data.eval_stride must be between 1 and block_size"),
+    Case("eval stride above the block", [*VALIDATE, "--data.eval_stride", "999"], "got 999"),
+    Case(
+        "block size above the model's positions",
+        [*VALIDATE, "--data.block_size", "4096"],
+        "data.block_size=4096 exceeds the model's maximum positions (2048)",
+    ),
+    Case(
+        "overlapping held-out chapters",
+        [*VALIDATE, "--data.val_chapters", "[31, 32]", "--data.test_chapters", "[32, 33]"],
+        "Chapters [32] are in both data.val_chapters and data.test_chapters",
+    ),
+    Case(
+        "a chapter the book lacks", [*VALIDATE, "--data.val_chapters", "[99]"], "data.val_chapters names chapters [99]"
+    ),
+    Case("a negative worker count", [*VALIDATE, "--data.num_workers", "-1"], "data.num_workers must be >= 0"),
+    Case("book path that is no file", [*VALIDATE, "--data.book_path", "{tmp}/nope.txt"], "is not a file"),
+    Case("an empty book file", [*VALIDATE, "--data.book_path", "{tmp}/empty.txt"], "empty.txt is empty"),
+    Case("a binary book file", [*VALIDATE, "--data.book_path", "{tmp}/binary.txt"], "is not UTF-8 text"),
+    Case("a tokenizer that does not exist", [*VALIDATE, "--data.tokenizer", "{tmp}/no-tokenizer"], "No tokenizer"),
+    Case("LoRA rank 0", [*FIT, "--model.lora.r", "0"], "model.lora.r must be >= 1, got 0."),
+    Case("LoRA dropout 1.5", [*FIT, "--model.lora.r", "4", "--model.lora.dropout", "1.5"], "model.lora.dropout"),
+    Case("an unknown LoRA target", [*FIT, "--model.lora.target_modules", "[qkv]"], "['qkv'] match no linear layer"),
+    Case("no LoRA target", [*FIT, "--model.lora.target_modules", "[]"], "target_modules is empty"),
+    Case("learning rate 0", [*FIT, "--model.learning_rate", "0"], "model.learning_rate must be > 0, got 0.0."),
+    Case("negative warm-up", [*FIT, "--model.warmup_steps", "-1"], "model.warmup_steps must be >= 0"),
+    Case("negative weight decay", [*FIT, "--model.weight_decay", "-0.1"], "model.weight_decay must be >= 0"),
+    Case("minimum LR ratio above 1", [*FIT, "--model.min_lr_ratio", "2"], "model.min_lr_ratio must be between 0 and 1"),
+    Case("a beta of 1.5", [*FIT, "--model.betas", "[0.9, 1.5]"], "model.betas must be two numbers in [0, 1)"),
+    Case("an unknown quantization", [*VALIDATE, "--model.quantization", "int5"], "'int5' is not one of"),
+    Case("an unknown attention", [*VALIDATE, "--model.attention", "flash9"], "'flash9' is not one of"),
+    Case("an unknown dtype", [*VALIDATE, "--model.dtype", "float8"], "'float8' is not one of"),
+    Case("4-bit weights in fp32", [*VALIDATE, "--model.quantization", "nf4"], "computes in 16-bit"),
+    Case(
+        "fitting a 4-bit base without LoRA",
+        [*FIT, "--model.quantization", "nf4", "--model.dtype", "bfloat16"],
+        "freezes the base weights",
+    ),
+    Case("an unknown preset field", [*VALIDATE, "--model.preset_overrides", "{layers: 3}"], "unknown MistralConfig"),
+    Case("a source that does not exist", [*VALIDATE, "--model.source", "{tmp}/a/b/c"], "is not a preset"),
+    Case("an unreachable hub id", [*VALIDATE, "--model.source", "nobody-here/no-model"], "Could not read the config"),
+    Case("an unknown option", [*VALIDATE, "--model.layers", "3"], "model: Option 'layers' is not accepted"),
+    Case("a number that is not one", [*FIT, "--trainer.max_steps", "ten"], "trainer.max_steps"),
+    Case("a config file that does not exist", ["fit", "-c", "{tmp}/nope.yaml"], "nope.yaml"),
+    Case("a config file that is not YAML", ["fit", "-c", "{tmp}/broken.yaml"], "broken.yaml is not valid YAML"),
+    Case("config files that extend each other", ["fit", "-c", "{tmp}/loop-a.yaml"], "extend each other in a cycle"),
+    Case("zero new tokens", [*PREDICT, "--model.generation.max_new_tokens", "0"], "max_new_tokens must be >= 1"),
+    Case("temperature 0", [*PREDICT, "--model.generation.temperature", "0"], "temperature must be > 0"),
+    Case("top-p 1.5", [*PREDICT, "--model.generation.top_p", "1.5"], "top_p must be in (0, 1]"),
+    Case(
+        "more new tokens than the model has positions",
+        [*PREDICT, "--model.generation.max_new_tokens", "100000"],
+        "beyond the model's 2048",
+    ),
+    Case("a prompt longer than the model", [*PREDICT, "--data.prompts_file", "{tmp}/long.txt"], "prompt 1 has"),
+    Case("a prompts file that does not exist", [*PREDICT, "--data.prompts_file", "{tmp}/none.txt"], "is not a file"),
+    Case("a prompts file with a bad line", [*PREDICT, "--data.prompts_file", "{tmp}/bad.jsonl"], "bad.jsonl:2 is not"),
+    Case("an empty prompts file", [*PREDICT, "--data.prompts_file", "{tmp}/blank.txt"], "holds no prompt"),
+    Case(
+        "predictions that would be overwritten",
+        [
+            *PREDICT,
+            "--trainer.callbacks+=callbacks.JsonlPredictionWriter",
+            "--trainer.callbacks.output_path",
+            "{tmp}/kept.jsonl",
+        ],
+        "kept.jsonl already exists",
+    ),
+    Case(
+        "a log folder that cannot be created",
+        [*VALIDATE, "--trainer.logger.init_args.save_dir", "{tmp}/a_file/runs"],
+        "cannot be created",
+    ),
+    Case("a checkpoint that does not exist", [*FIT, "--ckpt_path", "{tmp}/none.ckpt"], "none.ckpt' does not exist"),
+    Case("a checkpoint that is a folder", [*FIT, "--ckpt_path", "{tmp}"], "is a folder"),
+    Case("a truncated checkpoint", [*FIT, "--ckpt_path", "{tmp}/truncated.ckpt"], "is not a readable checkpoint"),
+    Case("a checkpoint that is text", [*VALIDATE, "--ckpt_path", "{tmp}/text.ckpt"], "is not a readable checkpoint"),
+    Case(
+        "another model's checkpoint",
+        [*FIT, "--ckpt_path", "{tmp}/three-layers.ckpt"],
+        "does not fit the configured model: model.preset_overrides is {'num_hidden_layers': 3}",
+    ),
+    Case("a study with no variant", ["compare", "--variants", "[]"], "compare --variants is empty"),
+    Case("a study with 0 new tokens", ["compare", "--new_tokens", "0"], "compare --new_tokens must be >= 1"),
+    Case("exporting a missing checkpoint", ["export", "--ckpt_path", "{tmp}/none.ckpt"], "does not exist"),
+    Case("exporting on a GPU there is not", ["export", "--ckpt_path", "x.ckpt", "--device", "cuda"], "no CUDA GPU"),
+    Case("an unknown command", ["tune"], "unknown command 'tune'"),
+]
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory, book_path) -> Path:
+    """Files the cases point at, and a checkpoint of a 3-layer tiny model."""
+    folder = tmp_path_factory.mktemp("bad-input")
+    (folder / "empty.txt").write_text("")
+    (folder / "binary.txt").write_bytes(b"\x00\xff\xfe" * 100)
+    (folder / "broken.yaml").write_text("model: [unclosed\n")
+    (folder / "loop-a.yaml").write_text("extends: loop-b.yaml\n")
+    (folder / "loop-b.yaml").write_text("extends: loop-a.yaml\n")
+    (folder / "long.txt").write_text("arr " * 3000 + "\n")
+    (folder / "bad.jsonl").write_text('{"prompt": "Ahoy"}\n{"text": "no prompt"}\n')
+    (folder / "blank.txt").write_text("\n\n")
+    (folder / "kept.jsonl").write_text('{"keep": "me"}\n')
+    (folder / "a_file").write_text("not a folder")
+    (folder / "text.ckpt").write_text("not a checkpoint")
+    import lightning as L
+
+    from datamodules.treasure_island import TreasureIslandDataModule
+    from lightning_modules import MistralModule
+
+    module = MistralModule(source="tiny", dtype="float32", preset_overrides={"num_hidden_layers": 3})
+    trainer = L.Trainer(
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(folder / "fit"),
+    )
+    trainer.fit(module, datamodule=TreasureIslandDataModule(block_size=64, batch_size=2))
+    trainer.save_checkpoint(folder / "three-layers.ckpt")
+    (folder / "truncated.ckpt").write_bytes((folder / "three-layers.ckpt").read_bytes()[:5000])
+    return folder
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def run_case(case: Case, tmp: Path) -> tuple[int, str]:
+    """(exit status, standard error) of ``smarter`` run in-process on ``case``."""
+    args = [arg.replace("{tmp}", str(tmp)) for arg in case.args]
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(args)
+            code = 0
+        except SystemExit as stop:
+            code = int(stop.code or 0)
+    return code, errors.getvalue()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, scratch, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "tiny" / "version_0").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny" / "version_0" / "config.yaml").write_text("an earlier run\n")
+    before, scratch_before = _snapshot(tmp_path), _snapshot(scratch)
+    code, stderr = run_case(case, scratch)
+    errors = [line for line in stderr.splitlines() if line.startswith("smarter: error:")]
+    assert code == 2, stderr[-2000:]
+    assert len(errors) == 1 and case.expected in errors[0], stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert _snapshot(tmp_path) == before and _snapshot(scratch) == scratch_before  # a refusal changes no file
+    SEEN[case.name] = errors[0].replace(str(scratch), "<folder>")
+
+
+SEEN: dict[str, str] = {}
+
+
+def test_there_are_at_least_thirty_cases_and_the_docs_table_lists_each():
+    assert len(CASES) >= 30
+    docs = REPO_ROOT / "docs" / "bad_input.md"
+    if os.environ.get("WRITE_BAD_INPUT_TABLE") and len(SEEN) == len(CASES):
+        rows = []
+        for case in CASES:
+            typed = " ".join(a for a in case.args if a not in (*QUIET, TINY, "-c")).replace("{tmp}", "<folder>")
+            rows.append(f"| {case.name} | `smarter {typed}` | {SEEN[case.name]} |".replace("||", "| |"))
+        header = docs.read_text().split("| bad input |")[0]
+        docs.write_text(
+            header + "| bad input | command (abridged) | message |\n| --- | --- | --- |\n" + "\n".join(rows) + "\n"
+        )
+    table = docs.read_text()
+    for case in CASES:
+        assert f"| {case.name} |" in table, case.name

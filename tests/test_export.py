@@ -1,0 +1,115 @@
+"""Exports: PEFT adapter and merged folders that plain peft / transformers load, a full fine-tune's whole
+model, and every exported model folder usable again as ``model.source``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import QUIET, TINY, cpu_trainer
+from lightning_modules import LoraSettings, MistralModule, ModelSpec, load_causal_lm, load_tokenizer
+from lightning_modules.export import PROVENANCE_FILE, export_trained_model
+from smarter.cli import main
+
+IDS = torch.randint(3, 32000, (2, 48), generator=torch.Generator().manual_seed(0))
+
+
+def _train(tmp_path: Path, checkpoint: Path | None = None, **spec) -> MistralModule:
+    from datamodules.treasure_island import TreasureIslandDataModule
+
+    module = MistralModule(learning_rate=1e-2, warmup_steps=0, **spec)
+    trainer = cpu_trainer(tmp_path, max_steps=3, limit_val_batches=0)
+    trainer.fit(module, datamodule=TreasureIslandDataModule(block_size=64, batch_size=2))
+    if checkpoint is not None:
+        trainer.save_checkpoint(checkpoint)
+    return module.eval()
+
+
+@torch.no_grad()
+def _logits(model) -> torch.Tensor:
+    return model(input_ids=IDS).logits.float()
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _no_cache_path_in(folder: Path, cache: Path) -> None:
+    for path in folder.glob("*.json"):
+        assert str(cache) not in path.read_text(), path.name
+
+
+@pytest.mark.parametrize(
+    ("quantization", "dtype", "tolerance"), [("none", "float32", 1e-5), ("nf4", "bfloat16", 2e-2)], ids=["fp32", "nf4"]
+)
+def test_adapter_and_merged_folders_round_trip_through_plain_peft_and_transformers(
+    tmp_path, book_path, isolated_environment, quantization, dtype, tolerance
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    spec = {"source": "tiny", "quantization": quantization, "dtype": dtype, "lora": LoraSettings(r=4, alpha=16)}
+    module = _train(tmp_path, **spec)
+    trained = _logits(module.model)
+    adapter, merged = export_trained_model(module.model, module.spec, tmp_path / "export", merged=True)
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny"  # the real base, never a cache path
+    _no_cache_path_in(adapter, isolated_environment)
+    _no_cache_path_in(merged, isolated_environment)
+    provenance = json.loads((merged / PROVENANCE_FILE).read_text())
+    if quantization == "nf4":
+        assert "dequantizing that base to bfloat16" in provenance["equals"]
+
+    base = load_causal_lm(ModelSpec(source="tiny", quantization=quantization, dtype=dtype)).eval()
+    on_base = _logits(PeftModel.from_pretrained(base, adapter).eval())
+    assert _relative_error(on_base, trained) < 1e-6  # the adapter on its own base is the trained model
+
+    alone = AutoModelForCausalLM.from_pretrained(merged).eval()  # transformers alone: no peft, no quantization
+    assert not hasattr(alone.config, "quantization_config")
+    assert _relative_error(_logits(alone), on_base) < tolerance
+
+    tokenizer = load_tokenizer(str(merged))  # the tokenizer travels with the model
+    assert tokenizer.encode("Fifteen men on the dead man's chest") == load_tokenizer().encode(
+        "Fifteen men on the dead man's chest"
+    )
+    assert tokenizer.token_byte_lengths() == load_tokenizer().token_byte_lengths()
+
+
+def test_a_full_fine_tune_exports_its_whole_model_and_it_is_a_valid_source(tmp_path, monkeypatch, book_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    module = _train(tmp_path, source="tiny", dtype="float32")
+    (folder,) = export_trained_model(module.model, module.spec, tmp_path / "export")
+    assert folder.name == "model"
+    reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert _relative_error(_logits(reloaded), _logits(module.model)) < 1e-6
+
+    monkeypatch.chdir(tmp_path)
+    evaluate = ["validate", "-c", TINY, "--data.block_size", "64", "--trainer.limit_val_batches", "4", *QUIET]
+    main([*evaluate, "--model.source", str(folder)])
+    exported_ppl = float(capsys.readouterr().out.split("val/ppl")[1].split()[1])
+    direct = cpu_trainer(limit_val_batches=4)
+    from datamodules.treasure_island import TreasureIslandDataModule
+
+    direct.validate(module, datamodule=TreasureIslandDataModule(block_size=64), verbose=False)
+    assert exported_ppl == pytest.approx(float(direct.callback_metrics["val/ppl"]), rel=1e-4)
+
+
+def test_smarter_export_writes_both_folders_from_a_checkpoint_and_never_overwrites(tmp_path, book_path):
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    module = _train(tmp_path, checkpoint, source="tiny", dtype="float32", lora=LoraSettings(r=4, alpha=8))
+    main(["export", "--ckpt_path", str(checkpoint)])
+    out = tmp_path / "run" / "export-last"
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "merged" / "config.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    assert _relative_error(_logits(merged), _logits(module.model)) < 1e-5
+    before = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(SystemExit) as refused:
+        main(["export", "--ckpt_path", str(checkpoint)])
+    assert refused.value.code == 2 and sorted(p.name for p in out.rglob("*")) == before

@@ -1,0 +1,218 @@
+"""Fine-tuning you can trust: exact resume (mid-epoch, schedule, data order, random generators), a clean
+stop on SIGTERM, atomic checkpoints under SIGKILL, divergence that stops the run, no silent substitution."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+from helpers import QUIET, TINY, run_smarter, scalars
+from lightning_modules.checkpoints import read_checkpoint
+from lightning_modules.schedules import WarmupCosine
+from smarter.cli import main
+
+# 5 batches an epoch, so step 7 is in the middle of the second epoch; LoRA dropout makes the random
+# generators matter; the learning rate is logged every step.
+SHAPE = [
+    *["--data.block_size", "64", "--data.batch_size", "4", "--trainer.limit_train_batches", "5"],
+    *["--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1", "--trainer.max_epochs", "100"],
+    *["--model.lora.r", "4", "--model.lora.alpha", "8", "--model.lora.dropout", "0.3", "--model.warmup_steps", "3"],
+]
+EVERY_7 = [
+    "--trainer.callbacks+=ModelCheckpoint",
+    *["--trainer.callbacks.every_n_train_steps", "7", "--trainer.callbacks.save_top_k", "-1"],
+    *["--trainer.callbacks.filename", "at{step}"],
+]
+
+
+def _fit(folder: Path, monkeypatch, *args: str) -> int:
+    """``smarter fit`` on the tiny preset in ``folder``; the exit status (0 when it returns)."""
+    monkeypatch.chdir(folder)
+    try:
+        main(["fit", "-c", TINY, *SHAPE, *QUIET, *args])
+    except SystemExit as stop:
+        return int(stop.code or 0)
+    return 0
+
+
+def _run(folder: Path, version: str) -> Path:
+    return folder / "runs" / "tiny" / version
+
+
+def _assert_same_curve(reference: Path, resumed: Path, first_step: int) -> None:
+    a, b = scalars(reference), scalars(resumed)
+    for tag in ("train/loss", "lr-AdamW"):
+        before, after = dict(a[tag]), dict(b[tag])
+        assert min(after) == first_step and set(after) <= set(before), tag
+        for step, value in after.items():
+            assert value == pytest.approx(before[step], rel=1e-6), (tag, step)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, book_path) -> Path:
+    """12 LoRA steps straight through, with a checkpoint at step 7 (mid-epoch)."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    with pytest.MonkeyPatch.context() as patch:
+        assert (
+            _fit(folder, patch, "--trainer.max_steps", "12", "--trainer.logger.init_args.version", "full", *EVERY_7)
+            == 0
+        )
+    return folder
+
+
+def test_resuming_mid_epoch_continues_the_same_curve(uninterrupted, tmp_path, monkeypatch):
+    checkpoint = next((_run(uninterrupted, "full") / "checkpoints").glob("at*7.ckpt"))
+    assert _fit(tmp_path, monkeypatch, "--trainer.max_steps", "12", "--ckpt_path", str(checkpoint)) == 0
+    _assert_same_curve(_run(uninterrupted, "full"), next((tmp_path / "runs" / "tiny").glob("version_*")), 7)
+
+
+def test_sigterm_writes_a_checkpoint_exits_nonzero_and_resumes_exactly(uninterrupted, tmp_path, monkeypatch, capsys):
+    stop = ["--trainer.callbacks+=custom_modules.SignalAtStep", "--trainer.callbacks.step", "7"]
+    code = _fit(tmp_path, monkeypatch, "--trainer.max_steps", "12", "--trainer.logger.init_args.version", "a", *stop)
+    assert code == 128 + 15
+    checkpoint = _run(tmp_path, "a") / "checkpoints" / "interrupted-step7.ckpt"
+    message = capsys.readouterr().err
+    written = checkpoint.relative_to(tmp_path)
+    assert f"smarter: stopped: SIGTERM received: stopped after step 7; checkpoint written to {written}" in message
+    assert not (_run(tmp_path, "a") / "export").exists()  # an interrupted run exports nothing
+    code = _fit(
+        tmp_path,
+        monkeypatch,
+        "--trainer.max_steps",
+        "12",
+        "--trainer.logger.init_args.version",
+        "b",
+        "--ckpt_path",
+        str(checkpoint),
+    )
+    assert code == 0
+    _assert_same_curve(_run(uninterrupted, "full"), _run(tmp_path, "b"), 7)
+    assert (_run(tmp_path, "b") / "export" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_longer_resumed_run_follows_its_own_schedule(tmp_path, monkeypatch, book_path):
+    assert _fit(tmp_path, monkeypatch, "--trainer.max_steps", "8", "--trainer.logger.init_args.version", "short") == 0
+    (checkpoint,) = (_run(tmp_path, "short") / "checkpoints").glob("*.ckpt")
+    code = _fit(
+        tmp_path,
+        monkeypatch,
+        "--trainer.max_steps",
+        "16",
+        "--trainer.logger.init_args.version",
+        "long",
+        "--ckpt_path",
+        str(checkpoint),
+    )
+    assert code == 0
+    learning_rates = dict(scalars(_run(tmp_path, "long"))["lr-AdamW"])
+    schedule = WarmupCosine(warmup_steps=3, total_steps=16, min_ratio=0.1)
+    for step in range(8, 16):
+        assert learning_rates[step] == pytest.approx(3e-3 * schedule(step), rel=1e-6), step
+    assert learning_rates[12] > 2 * 3e-3 * 0.1  # not stuck at the minimum of the 8-step schedule
+
+
+def test_an_explicit_setting_wins_over_the_checkpoints_and_is_reported(uninterrupted, tmp_path, monkeypatch, capsys):
+    checkpoint = next((_run(uninterrupted, "full") / "checkpoints").glob("at*7.ckpt"))
+    code = _fit(
+        tmp_path,
+        monkeypatch,
+        "--trainer.max_steps",
+        "9",
+        "--model.learning_rate",
+        "0.001",
+        "--ckpt_path",
+        str(checkpoint),
+    )
+    assert code == 0
+    assert (
+        "smarter: note: model.learning_rate is 0.003 in the checkpoint and 0.001 here; using the configured value."
+        in capsys.readouterr().err
+    )
+    learning_rates = dict(scalars(next((tmp_path / "runs" / "tiny").glob("version_*")))["lr-AdamW"])
+    schedule = WarmupCosine(warmup_steps=3, total_steps=9, min_ratio=0.1)
+    assert learning_rates[7] == pytest.approx(1e-3 * schedule(7), rel=1e-6)
+
+
+def test_a_nan_stops_the_run_naming_the_step_and_writes_no_bad_checkpoint(tmp_path, monkeypatch, capsys):
+    every_step = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1"]
+    every_step += ["--trainer.callbacks.save_top_k", "-1"]
+    code = _fit(tmp_path, monkeypatch, "--trainer.max_steps", "30", "--model.learning_rate", "1e4", *every_step)
+    assert code == 3
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("smarter:")]
+    assert line.startswith("smarter: error: training diverged: ") and " at step " in line
+    run = next((tmp_path / "runs" / "tiny").glob("version_*"))
+    saved = list((run / "checkpoints").glob("*.ckpt"))
+    assert saved  # the good steps before the divergence were kept
+    for path in saved:
+        for name, tensor in read_checkpoint(path)["state_dict"].items():
+            assert torch.isfinite(tensor).all(), (path.name, name)
+    assert not (run / "export").exists()
+
+
+def test_sigkill_during_a_save_leaves_the_earlier_checkpoint_loadable(tmp_path, book_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    args = [
+        "fit",
+        "-c",
+        TINY,
+        *SHAPE,
+        *QUIET,
+        "--trainer.max_steps",
+        "6",
+        "--trainer.plugins=custom_modules.KilledWhileSaving",
+    ]
+    args += ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "2"]
+    args += ["--trainer.callbacks.filename", "latest", "--trainer.callbacks.enable_version_counter", "false"]
+    result = run_smarter(*args, cwd=tmp_path, env=env)
+    assert result.returncode == -9  # killed in the middle of writing the second checkpoint
+    (latest,) = (tmp_path / "runs").rglob("latest.ckpt")
+    checkpoint = read_checkpoint(latest)
+    assert checkpoint["global_step"] == 2  # the first save, whole
+    assert all(math.isfinite(float(t.float().sum())) for t in checkpoint["state_dict"].values())
+
+
+def test_sigterm_in_predict_keeps_the_predictions_written_and_no_secret_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_never_written")
+    stop = ["--trainer.callbacks+=custom_modules.SignalAtStep", "--trainer.callbacks.predict_batch", "1"]
+    with pytest.raises(SystemExit) as stopped:
+        main(["predict", "-c", TINY, *QUIET, "--model.generation.max_new_tokens", "4", *stop])
+    assert stopped.value.code == 128 + 15
+    assert "smarter: stopped: SIGTERM received: predict stopped after the current batch" in capsys.readouterr().err
+    (predictions,) = (tmp_path / "runs").rglob("predictions.jsonl")
+    assert len(predictions.read_text().splitlines()) == 2  # prompts 1 and 2 of 4, each written whole
+    for path in (tmp_path / "runs").rglob("*"):
+        if path.is_file():
+            assert b"hf_secret_never_written" not in path.read_bytes(), path
+
+
+def test_sigterm_to_compare_takes_its_probe_down_and_the_study_resumes(tmp_path, book_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["compare", "--overrides", "--model.source tiny", "--variants", "[bf16-sdpa, nf4-sdpa]"]
+    args += ["--output_dir", "study", "--new_tokens", "4", "--repeats", "1", "--prefill_tokens", "32"]
+    args += ["--kl_tokens", "64", "--hf_baseline", "false"]
+    study = subprocess.Popen([sys.executable, "-m", "smarter.cli", *args], cwd=tmp_path, stderr=subprocess.PIPE)
+    lock = tmp_path / "study" / "variants" / ".bf16-sdpa.lock"
+    deadline = time.monotonic() + 120
+    while not (lock.is_file() and lock.read_text().startswith("pid")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    probe_pid = int(lock.read_text().split()[1])
+    study.send_signal(signal.SIGTERM)
+    _, stderr = study.communicate(timeout=60)
+    assert study.returncode == 128 + 15
+    assert "smarter: stopped: SIGTERM received: the study stopped" in stderr.decode()
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(probe_pid, 0)  # the probe went down with the study
+    resumed = run_smarter(*args, "--resume", "true", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (tmp_path / "study" / "report.md").is_file()

@@ -62,8 +62,10 @@ class StopOnSignal(StageCallback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_handlers()
 
-    def _stop_requested(self, trainer: L.Trainer) -> bool:
-        if trainer.world_size > 1:  # every process stops together, whichever one got the signal
+    def _stop_requested(self, trainer: L.Trainer, stage: Stage) -> bool:
+        # in training every process stops together, whichever one got the signal (their batches are in
+        # step); elsewhere processes may hold different numbers of batches, so each stops on its own
+        if trainer.world_size > 1 and stage == "train":
             return bool(trainer.strategy.reduce_boolean_decision(self.received is not None, all=False))
         return self.received is not None
 
@@ -71,7 +73,7 @@ class StopOnSignal(StageCallback):
         self, stage: Stage, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any
     ) -> None:
         fitting = getattr(trainer.state.fn, "value", None) == "fit"
-        if (fitting and stage != "train") or not self._stop_requested(trainer):
+        if (fitting and stage != "train") or not self._stop_requested(trainer, stage):
             return
         signum = self.received or signal.SIGTERM
         name = signal.Signals(signum).name

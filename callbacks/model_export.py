@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import lightning as L
@@ -41,10 +42,22 @@ class ExportAtFitEnd(Callback):
             )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            folder = self.folder(trainer)
-            self.written = export_trained_model(
-                pl_module.model, pl_module.spec, folder, merged=self.merged, global_step=trainer.global_step
-            )
-            notify(f"exported the trained model to {', '.join(str(p) for p in self.written)}")
-        trainer.strategy.barrier("smarter-export")
+        folder = self.folder(trainer)  # every process: the log folder is agreed on collectively
+        with self._whole_weights(trainer):
+            if trainer.is_global_zero:
+                self.written = export_trained_model(
+                    pl_module.model, pl_module.spec, folder, merged=self.merged, global_step=trainer.global_step
+                )
+                notify(f"exported the trained model to {', '.join(str(p) for p in self.written)}")
+            trainer.strategy.barrier("smarter-export")
+
+    @staticmethod
+    def _whole_weights(trainer: L.Trainer):
+        """Under FSDP, every process gathers the full weights for the export (a collective step)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if not isinstance(trainer.strategy, FSDPStrategy):
+            return contextlib.nullcontext()
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False)

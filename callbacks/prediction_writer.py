@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from foundation import ConfigError
+from foundation import ConfigError, atomic_write_text
 
 
 def _json_safe(value: Any) -> Any:
@@ -21,6 +21,11 @@ def _json_safe(value: Any) -> Any:
 
 class JsonlPredictionWriter(BasePredictionWriter):
     """Append predictions to a JSON Lines file (prompt, completion, timings) after every batch.
+
+    With several processes (``predict`` under DDP splits the prompts), each process appends to its own
+    part file beside the target as it goes, and when all are done the first process merges the parts
+    into the target in prompt order and removes them: every prediction is kept, once. A run stopped
+    early keeps its part files.
 
     Args:
         output_path: File to write; unset means ``<log dir>/predictions.jsonl``. An existing file
@@ -50,9 +55,29 @@ class JsonlPredictionWriter(BasePredictionWriter):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
 
+    def _file(self, trainer: L.Trainer) -> Path:
+        assert self.path is not None
+        if trainer.world_size <= 1:
+            return self.path
+        return self.path.with_name(f"{self.path.name}.rank{trainer.global_rank}.part")
+
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        if self.path is None or not trainer.is_global_zero:
+        if self.path is None:
             return
         record = {k: _json_safe(v) for k, v in prediction.items() if k not in ("generated_tokens", "samples")}
-        with self.path.open("a", encoding="utf-8") as handle:
+        with self._file(trainer).open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.path is None or trainer.world_size <= 1:
+            return
+        trainer.strategy.barrier("smarter-predictions")
+        if trainer.is_global_zero:
+            parts = sorted(self.path.parent.glob(f"{self.path.name}.rank*.part"))
+            records = [json.loads(line) for part in parts for line in part.read_text(encoding="utf-8").splitlines()]
+            records.sort(key=lambda record: record.get("index", 0))
+            text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+            atomic_write_text(self.path, text)
+            for part in parts:
+                part.unlink()
+        trainer.strategy.barrier("smarter-predictions-merged")

@@ -118,22 +118,37 @@ class ThroughputMemoryCallback(StageCallback):
         if counters is None:
             return
         result: dict[str, float] = {"host_rss_gib": host_rss_gib()}
-        if counters.seconds > 0:
+        tokens, samples, flops, seconds, steps = self._whole_run(trainer, pl_module, counters)
+        world = max(trainer.world_size, 1)
+        if seconds > 0:
             result.update(
-                tokens_per_s=counters.tokens / counters.seconds,
-                samples_per_s=counters.samples / counters.seconds,
-                step_time_ms=1000 * counters.seconds / counters.steps,
-                tflops_per_s=counters.flops / counters.seconds / 1e12,
+                tokens_per_s=tokens / seconds,  # the whole run: every process's tokens over the slowest's time
+                tokens_per_s_per_device=tokens / seconds / world,
+                samples_per_s=samples / seconds,
+                step_time_ms=1000 * seconds / max(steps, 1),
+                tflops_per_s=flops / seconds / 1e12,
             )
             peak = self._peak(pl_module)
             if peak:
-                result["mfu"] = result["tflops_per_s"] / peak
+                result["mfu"] = result["tflops_per_s"] / (peak * world)
         if pl_module.device.type == "cuda" and not counters.nested:
             result["peak_allocated_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / GIB
             result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(pl_module.device) / GIB
-        result["timed_steps"] = float(counters.steps)
+        result["timed_steps"] = float(steps)
+        result["devices"] = float(world)
         self.summary[stage] = result
         self._log(trainer, {f"perf/{stage}/{k}": v for k, v in result.items()}, step=trainer.global_step)
+
+    @staticmethod
+    def _whole_run(trainer: L.Trainer, pl_module: L.LightningModule, counters: StageCounters):
+        """(tokens, samples, FLOPs, seconds, steps) of the whole run: sums over processes, the slowest time."""
+        mine = [counters.tokens, counters.samples, counters.flops, counters.seconds, counters.steps]
+        if trainer.world_size <= 1:
+            return mine
+        local = torch.tensor(mine, dtype=torch.float64, device=pl_module.device)
+        every = trainer.strategy.all_gather(local).reshape(trainer.world_size, len(mine))  # (processes, 5)
+        totals = every.sum(dim=0)
+        return float(totals[0]), float(totals[1]), float(totals[2]), float(every[:, 3].max()), float(every[:, 4].max())
 
     def on_stage_batch_start(self, stage: Stage, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
         if stage not in self.counters:

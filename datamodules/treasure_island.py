@@ -339,17 +339,22 @@ class TreasureIslandDataModule(L.LightningDataModule):
         """Each prompt with its token ids (BOS first), formatted for the model."""
         tok = self.tokenizer
         items = []
-        for prompt in self.prompts:
+        for index, prompt in enumerate(self.prompts):
             text = instruction_text(prompt) if self.chat_template else prompt
             ids = torch.tensor([tok.bos_id, *tok.encode(text)], dtype=torch.long)
-            items.append({"prompt": prompt, "input_ids": ids})
+            items.append({"index": index, "prompt": prompt, "input_ids": ids})
         return items
 
     def predict_dataloader(self) -> DataLoader:
-        """One prompt per batch: batch-1 decoding, timed per prompt."""
-        return DataLoader(self.prompt_items(), batch_size=1, shuffle=False, collate_fn=_collate_prompt)
+        """One prompt per batch: batch-1 decoding, timed per prompt. With several processes each takes its
+        own share of the prompts (none twice); the prediction writer puts them back in order."""
+        items = self.prompt_items()
+        sampler = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            sampler = UnrepeatedDistributedSampler(items, shuffle=False)
+        return DataLoader(items, batch_size=1, shuffle=False, sampler=sampler, collate_fn=_collate_prompt)
 
 
 def _collate_prompt(items: list[dict]) -> dict:
     (item,) = items
-    return {"prompt": item["prompt"], "input_ids": item["input_ids"][None]}  # (1, prompt_len)
+    return {"index": item["index"], "prompt": item["prompt"], "input_ids": item["input_ids"][None]}  # (1, len)

@@ -32,6 +32,23 @@ def median_time(fn: Callable[[], object], device: torch.device, warmup: int, rep
     return statistics.median(times)
 
 
+def timed_hf_generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, eos_id: int):
+    """transformers' greedy ``generate`` of exactly ``new_tokens`` after ``prompt``: (seconds, new token ids)."""
+    synchronize(prompt.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=eos_id,
+        )
+    synchronize(prompt.device)
+    return time.perf_counter() - start, out[0, prompt.shape[1] :].tolist()
+
+
 @dataclass
 class DecoderTimings:
     """Batch-1 greedy decode timings (medians) of our loop and, optionally, transformers' ``generate``."""
@@ -65,25 +82,12 @@ def compare_decoders(
         warmup: Untimed rounds first.
     """
     settings = GenerationSettings(max_new_tokens=new_tokens, stop_at_eos=False)
-    device = prompt.device
 
     def ours():
         return generate_timed(model, prompt, settings)
 
     def hf() -> float:
-        synchronize(device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(
-                input_ids=prompt,
-                attention_mask=torch.ones_like(prompt),
-                do_sample=False,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                pad_token_id=eos_id,
-            )
-        synchronize(device)
-        return time.perf_counter() - start
+        return timed_hf_generate(model, prompt, new_tokens, eos_id)[0]
 
     for _ in range(warmup):
         ours()
@@ -108,6 +112,46 @@ def compare_decoders(
         timings.hf_generate_latency_ms = 1000 * hf_s
         timings.hf_generate_tokens_per_s = new_tokens / hf_s
     return timings
+
+
+@dataclass
+class FastDecoderTimings:
+    """Batch-1 greedy decode with a static KV cache (compiled with CUDA graphs on a GPU)."""
+
+    decoder: str
+    compile_s: float  # building the cache and the warm-up runs that compile the step
+    ttft_ms: float
+    decode_tokens_per_s: float
+    generate_tokens_per_s: float
+
+
+def time_fast_decoder(
+    model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int, warmup: int = 2
+) -> FastDecoderTimings:
+    """Time the framework's fast decoder on ``prompt`` ``(1, prompt_len)``: warm-up (and compilation) on this
+    very prompt, timed separately, then ``repeats`` timed runs (medians)."""
+    from lightning_modules.generation import StaticCacheDecoder
+
+    device = prompt.device
+    kind = "static-compiled" if device.type == "cuda" else "static"  # on a CPU: the static cache, uncompiled
+    settings = GenerationSettings(max_new_tokens=new_tokens, stop_at_eos=False)
+    synchronize(device)
+    start = time.perf_counter()
+    cache_len = -(-(prompt.shape[1] + new_tokens) // 128) * 128
+    decoder = StaticCacheDecoder(model, cache_len, compiled=kind == "static-compiled")
+    for _ in range(warmup):
+        generate_timed(model, prompt, settings, static_decoder=decoder)
+    synchronize(device)
+    compile_s = time.perf_counter() - start
+    runs = [generate_timed(model, prompt, settings, static_decoder=decoder) for _ in range(repeats)]
+    latency_s = statistics.median(r.total_s for r in runs)
+    return FastDecoderTimings(
+        decoder=kind,
+        compile_s=compile_s,
+        ttft_ms=1000 * statistics.median(r.ttft_s for r in runs),
+        decode_tokens_per_s=statistics.median(r.decode_tokens_per_s for r in runs),
+        generate_tokens_per_s=new_tokens / latency_s,
+    )
 
 
 @torch.inference_mode()

@@ -22,6 +22,7 @@ from lightning_modules.checkpoints import (
     restore_rng_state,
     setting_differences,
 )
+from lightning_modules.fast_paths import LossPath, chunked_nll_sum, fused_nll_sum, liger_available, resolve_loss
 from lightning_modules.generation import (
     GenerationSettings,
     StaticCacheDecoder,
@@ -63,6 +64,11 @@ class MistralModule(L.LightningModule):
         warmup_steps: Linear warm-up steps.
         schedule: After warm-up: ``cosine`` decay to ``min_lr_ratio`` or ``constant``.
         min_lr_ratio: Final learning rate over peak, for the cosine schedule.
+        loss: How the summed next-token NLL is computed: ``auto`` (on a CUDA GPU ``fused`` with Liger,
+            else ``chunked``; on a CPU ``logits``), ``fused`` (Liger's fused linear cross-entropy),
+            ``chunked`` (logits a chunk of positions at a time, recomputed in backward), or ``logits``
+            (the whole batch's logits, the plain way). All give the same sum; ``fused`` and ``chunked``
+            never hold the batch's fp32 logits.
         generation: How ``predict`` decodes (new tokens, greedy or sampled, warm-up).
         **model_spec: The ``ModelSpec`` fields.
     """
@@ -76,6 +82,7 @@ class MistralModule(L.LightningModule):
         warmup_steps: int = 20,
         schedule: Schedule = "cosine",
         min_lr_ratio: float = 0.1,
+        loss: LossPath = "auto",
         generation: GenerationSettings | None = None,
         **model_spec,
     ) -> None:
@@ -89,6 +96,10 @@ class MistralModule(L.LightningModule):
             raise ConfigError(f"model.weight_decay must be >= 0, got {weight_decay}.")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ConfigError(f"model.min_lr_ratio must be between 0 and 1, got {min_lr_ratio}.")
+        if loss not in ("auto", "fused", "chunked", "logits"):
+            raise ConfigError(f"model.loss={loss!r} is not supported; choose auto, fused, chunked or logits.")
+        if loss == "fused" and not liger_available():
+            raise ConfigError("model.loss=fused needs a CUDA GPU and liger-kernel; set model.loss: auto or chunked.")
         if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
             raise ConfigError(f"model.betas must be two numbers in [0, 1), got {list(betas)}.")
         if optimizer not in ("adamw", "adamw-8bit", "paged-adamw-8bit"):
@@ -158,25 +169,53 @@ class MistralModule(L.LightningModule):
         """Next-token logits ``(batch, seq, vocab)``."""
         return self.model(input_ids=input_ids, use_cache=False).logits
 
+    def _loss_path(self) -> str:
+        head = self._causal_lm().lm_head
+        if type(head) is not torch.nn.Linear:  # an adapter on the LM head: only the plain path sees it
+            return "logits"
+        return resolve_loss(self.hparams.loss, self.device)
+
+    def _causal_lm(self) -> torch.nn.Module:
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
     def token_nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed NLL (nats, fp32) of the scored targets of ``batch`` and their number."""
-        logits = self(batch["input_ids"])  # (batch, seq, vocab)
-        labels = batch["labels"]  # (batch, seq), already shifted; -100 = not scored
-        nll_sum = F.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+        labels = batch["labels"]  # (batch, seq), already shifted; IGNORE_INDEX = not scored
+        path = self._loss_path()
+        if path == "logits":
+            logits = self(batch["input_ids"])  # (batch, seq, vocab)
+            nll_sum = F.cross_entropy(
+                logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+        else:
+            causal_lm = self._causal_lm()
+            hidden = causal_lm.model(input_ids=batch["input_ids"], use_cache=False).last_hidden_state  # (b, s, h)
+            weight = causal_lm.lm_head.weight  # (vocab, hidden)
+            rows = hidden.flatten(0, 1)  # (b*s, h)
+            if path == "fused" and torch.is_grad_enabled():  # it computes gradients as it goes: training only
+                nll_sum = fused_nll_sum(rows, weight, labels.flatten())
+            else:
+                nll_sum = chunked_nll_sum(rows, weight, labels.flatten())
         return nll_sum, (labels != IGNORE_INDEX).sum()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         nll_sum, tokens = self.token_nll(batch)
-        loss = nll_sum / tokens.clamp_min(1)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            # DDP averages gradients over processes: scaling by world / (every process's tokens) makes the
+            # step the mean NLL over all tokens of the global batch, however they split across processes
+            all_tokens = self.trainer.strategy.reduce(tokens.float(), reduce_op="sum")
+            loss = nll_sum * world / all_tokens.clamp_min(1)
+        else:
+            loss = nll_sum / tokens.clamp_min(1)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"training diverged: train/loss is {loss.item()} at step {self.global_step + 1} (epoch "
                 f"{self.current_epoch}, batch {batch_idx}); no checkpoint was written from it. Lower "
                 "model.learning_rate or set trainer.gradient_clip_val, then resume from the last checkpoint."
             )
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        # averaged over processes, the logged value is the global batch's mean NLL per token
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=world > 1)
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -260,6 +299,7 @@ class MistralModule(L.LightningModule):
             static_decoder=getattr(self, "static_decoder", None),
         )
         return {
+            "index": int(batch.get("index", batch_idx)),
             "prompt": batch["prompt"],
             "completion": self.tokenizer.decode(result.new_tokens),
             "prompt_tokens": int(input_ids.shape[1]),
@@ -305,8 +345,8 @@ class MistralModule(L.LightningModule):
         """Keep what a resume needs: the weights that train (with adapters, only those; the frozen base
         rebuilds from the spec) and the random generators. Never writes non-finite weights."""
         if self.spec.lora is not None:
-            trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+            trainable = {f"model.{plain_name(n)}" for n, p in self.model.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if plain_name(k) in trainable}
         bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise TrainingDiverged(
@@ -360,6 +400,13 @@ class MistralModule(L.LightningModule):
         if state is not None:
             restore_rng_state(state)
             self._rng_to_restore = None
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name without the wrappers FSDP and activation checkpointing put in its path."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
 
 
 def load_trained(path: str, device: torch.device | str = "cpu", what: str = "ckpt_path") -> MistralModule:

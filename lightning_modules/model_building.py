@@ -14,11 +14,22 @@ from typing import Literal, get_args
 
 import torch
 
-from foundation import ConfigError, cache_folder
+from foundation import ConfigError, cache_folder, notify
+from lightning_modules.fast_paths import (
+    Checkpointing,
+    Compile,
+    Kernels,
+    apply_activation_checkpointing,
+    apply_liger_kernels,
+    compile_layers,
+    liger_available,
+    resolve_kernels,
+)
 from lightning_modules.presets import PRESETS, preset_weights_folder
 from lightning_modules.tokenizers import MISTRAL_V1_TOKENIZER
 
 Quantization = Literal["none", "int8", "nf4", "nf4-dq"]
+QuantStorage = Literal["uint8", "bfloat16", "float16", "float32"]
 Attention = Literal["eager", "sdpa"]
 DType = Literal["bfloat16", "float16", "float32"]
 
@@ -67,7 +78,15 @@ class ModelSpec:
         quantization: ``none``, ``int8`` (LLM.int8), ``nf4`` or ``nf4-dq`` (nf4, double quant).
         attention: Attention kernel: ``eager`` or ``sdpa``.
         dtype: Dtype of the non-quantized weights and of the 4-bit compute.
-        gradient_checkpointing: Recompute activations in backward to save memory.
+        activation_checkpointing: Recompute decoder layers in backward to save memory: ``off``,
+            ``every-layer``, or ``selective`` (every ``checkpoint_every``-th layer).
+        checkpoint_every: With ``selective``, checkpoint one layer in this many.
+        kernels: Fused kernels: ``auto`` (Liger's RMSNorm, RoPE and SwiGLU on a CUDA GPU when
+            ``liger-kernel`` is installed, unless the layers are compiled: the compiler fuses those
+            itself), ``liger`` (insist), or ``off``.
+        compile: ``layers`` compiles each decoder layer with ``torch.compile`` (CUDA only; skipped on a CPU).
+        quant_storage: The dtype 4-bit weights are packed in: ``uint8`` (bitsandbytes' default), or a
+            floating-point one (``bfloat16``) so that FSDP can shard them with the rest.
         lora: LoRA adapters, or None for none (pure evaluation or full fine-tuning).
         preset_seed: Seed of a preset's random weights.
         cache_dir: Where preset weights are written; unset means the framework cache folder.
@@ -78,7 +97,11 @@ class ModelSpec:
     quantization: Quantization = "none"
     attention: Attention = "sdpa"
     dtype: DType = "bfloat16"
-    gradient_checkpointing: bool = False
+    activation_checkpointing: Checkpointing = "off"
+    checkpoint_every: int = 2
+    kernels: Kernels = "auto"
+    compile: Compile = "off"
+    quant_storage: QuantStorage = "uint8"
     lora: LoraSettings | None = None
     preset_seed: int = 0
     cache_dir: str | None = None
@@ -145,7 +168,7 @@ def resolve_model_config(source: str, preset_overrides: dict | None = None):
         ) from None
 
 
-def bitsandbytes_config(quantization: str, compute_dtype: torch.dtype):
+def bitsandbytes_config(quantization: str, compute_dtype: torch.dtype, quant_storage: str = "uint8"):
     """transformers' ``BitsAndBytesConfig`` for a quantization name, or None for ``none``."""
     from transformers import BitsAndBytesConfig
 
@@ -159,6 +182,7 @@ def bitsandbytes_config(quantization: str, compute_dtype: torch.dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=quantization == "nf4-dq",
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=getattr(torch, quant_storage),
     )
 
 
@@ -195,6 +219,17 @@ def validate_model_spec(spec: ModelSpec):
     _check_choice("quantization", spec.quantization, Quantization)
     _check_choice("attention", spec.attention, Attention)
     _check_choice("dtype", spec.dtype, DType)
+    _check_choice("activation_checkpointing", spec.activation_checkpointing, Checkpointing)
+    _check_choice("kernels", spec.kernels, Kernels)
+    _check_choice("compile", spec.compile, Compile)
+    _check_choice("quant_storage", spec.quant_storage, QuantStorage)
+    if spec.checkpoint_every < 1:
+        raise ConfigError(f"model.checkpoint_every must be >= 1, got {spec.checkpoint_every}.")
+    if spec.kernels == "liger" and not liger_available():
+        raise ConfigError(
+            "model.kernels=liger needs a CUDA GPU and liger-kernel (pip install 'scaling-smarter[gpu]'); "
+            "set model.kernels: auto (Liger where it runs) or off."
+        )
     if spec.quantization != "none" and spec.dtype == "float32":
         raise ConfigError(
             f"model.quantization={spec.quantization} computes in 16-bit; set model.dtype to bfloat16 or float16."
@@ -266,14 +301,19 @@ def load_causal_lm(spec: ModelSpec, device: torch.device | str = "cpu"):
         config=config,
         dtype=spec.torch_dtype,
         attn_implementation=spec.attention,
-        quantization_config=bitsandbytes_config(spec.quantization, spec.torch_dtype),
+        quantization_config=bitsandbytes_config(spec.quantization, spec.torch_dtype, spec.quant_storage),
         device_map={"": device},
     )
     if spec.quantization in ("nf4", "nf4-dq") and device.type == "cpu":
         disable_bnb_cpu_weight_repacking(model)
-    if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    if resolve_kernels(spec.kernels, device, spec.compile) == "liger":
+        apply_liger_kernels(model)
+    apply_activation_checkpointing(model, spec.activation_checkpointing, spec.checkpoint_every)
     if spec.lora is not None:
         model = apply_lora(model, spec.lora)
+    if spec.compile == "layers":
+        if device.type == "cuda":
+            compile_layers(model)
+        else:
+            notify("model.compile=layers is skipped on a CPU (it speeds up CUDA kernels only).")
     return model

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.checkpoint_io import AtomicCheckpointIO
@@ -95,6 +96,31 @@ def fail(message: str) -> NoReturn:
 # ---- the LightningCLI ------------------------------------------------------------------------------
 
 
+def check_strategy_fits_quantization(strategy, quantization: str, quant_storage: str) -> None:
+    """Refuse a distributed strategy that cannot carry the chosen quantization (before weights load)."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+
+    name = type(strategy).__name__
+    if isinstance(strategy, FSDPStrategy) and strategy.root_device.type == "cpu":
+        raise ConfigError(f"{name} runs on GPUs only; use trainer.strategy ddp on CPUs.")
+    if quantization == "none":
+        return
+    if isinstance(strategy, FSDPStrategy):
+        if quantization == "int8":
+            raise ConfigError(f"{name} cannot shard LLM.int8 weights; use ddp, or model.quantization nf4 with FSDP.")
+        if quant_storage == "uint8":
+            raise ConfigError(
+                f"{name} shards floating-point tensors only; set model.quant_storage: bfloat16 "
+                "(configs/distributed/fsdp-qlora.yaml does), or use ddp."
+            )
+        return
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise ConfigError(
+            f"trainer.strategy {name} cannot carry a bitsandbytes-quantized base; use ddp or "
+            "callbacks.strategies.MistralFSDPStrategy (configs/distributed/)."
+        )
+
+
 def requirements_of(model: MistralModule):
     """What the data needs from the model (tokenizer, maximum positions, vocabulary)."""
     return model.input_requirements
@@ -157,7 +183,11 @@ class SmarterCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         if not self._get(self.config_init, "trainer", default={}).get("plugins"):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as error:  # e.g. more devices than the machine has
+            message = " ".join(str(error).split())
+            raise ConfigError(f"the trainer settings cannot run here: {message}") from None
 
     # ---- before each run: its add-ons and its checks ------------------------------------------------
     def _prepare_run(self, subcommand: str) -> None:
@@ -190,6 +220,9 @@ class SmarterCLI(LightningCLI):
                 check_writable_folder(dirpath, "the checkpoint folder")
         if subcommand == "fit" and hasattr(self.model, "check_can_fit"):
             self.model.check_can_fit()
+        spec = getattr(self.model, "spec", None)
+        if spec is not None:
+            check_strategy_fits_quantization(trainer.strategy, spec.quantization, spec.quant_storage)
         if subcommand != "predict" and hasattr(self.datamodule, "check_ready"):
             self.datamodule.check_ready()
         if subcommand == "predict":

@@ -86,3 +86,22 @@ class KilledWhileSaving(AtomicCheckpointIO):
 
         torch.save = half_then_die
         return super().save_checkpoint(checkpoint, path, storage_options)
+
+
+class RecordTrainingRows(L.Callback):
+    """Writes, per process, a digest of every scored training row it trains on (padding rows left out).
+
+    Args:
+        folder: Where each process writes ``rank<N>.txt``.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import hashlib
+
+        with open(os.path.join(self.folder, f"rank{trainer.global_rank}.txt"), "a") as handle:
+            for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+                if (labels != -100).any():
+                    handle.write(hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest() + "\n")

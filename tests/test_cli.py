@@ -88,10 +88,15 @@ def test_parser_errors_are_condensed_to_the_key_and_the_reason():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT / "configs")))
-def test_every_config_parses_and_instantiates(config, tmp_path, monkeypatch):
+def test_every_config_parses_and_instantiates(config, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    is_snippet = config.parent.name == "callbacks"  # added on top of a main config
+    is_snippet = config.parent.name in ("callbacks", "distributed")  # added on top of a main config
     args = ["-c", TINY] if is_snippet else []
+    if config.parent.name == "distributed":  # GPU strategies: composed and parsed here, run on GPUs
+        with pytest.raises(SystemExit) as printed:
+            build_cli(["fit", *args, "-c", str(config), "--print_config"], run=True)
+        assert printed.value.code == 0 and "strategy:" in capsys.readouterr().out
+        return
     cli = build_cli([*args, "-c", str(config)], run=False)
     if is_snippet:
         assert len(cli.trainer.callbacks) > len(build_cli(args, run=False).trainer.callbacks)

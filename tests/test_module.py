@@ -146,3 +146,37 @@ def test_the_tiny_training_run_reproduces_its_stored_losses(book_path):
     )
     for step, expected in STORED_TINY_LOSSES.items():
         assert recorder.losses[step - 1] == pytest.approx(expected, rel=2e-3), step
+
+
+def _losses_and_ppl(**spec) -> tuple[list[float], float]:
+    L.seed_everything(0)
+    recorder = _LossRecorder()
+    module = MistralModule(source="tiny", dtype="float32", learning_rate=3e-3, warmup_steps=2, **spec)
+    trainer = cpu_trainer(callbacks=[recorder], max_steps=20, limit_val_batches=4, val_check_interval=20)
+    trainer.fit(module, datamodule=TreasureIslandDataModule(block_size=64, batch_size=4))
+    return recorder.losses, float(trainer.callback_metrics["val/ppl"])
+
+
+def test_the_fast_training_path_computes_the_plain_paths_losses_and_perplexity(book_path):
+    plain_losses, plain_ppl = _losses_and_ppl(loss="logits", activation_checkpointing="off")
+    fast_losses, fast_ppl = _losses_and_ppl(loss="chunked", activation_checkpointing="selective", checkpoint_every=2)
+    assert len(plain_losses) == len(fast_losses) == 20
+    for step, (plain, fast) in enumerate(zip(plain_losses, fast_losses, strict=True), start=1):
+        assert fast == pytest.approx(plain, rel=1e-2), step
+    assert fast_ppl == pytest.approx(plain_ppl, rel=1e-3)
+
+
+def test_the_chunked_loss_is_the_plain_sum_with_the_same_gradients():
+    from lightning_modules.fast_paths import chunked_nll_sum
+
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (37,))
+    labels[::5] = IGNORE_INDEX
+    plain = torch.nn.functional.cross_entropy(hidden @ weight.t(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    plain_grads = torch.autograd.grad(plain, (hidden, weight))
+    chunked = chunked_nll_sum(hidden, weight, labels, chunk_rows=8)
+    chunked_grads = torch.autograd.grad(chunked, (hidden, weight))
+    assert float(chunked) == pytest.approx(float(plain), rel=1e-6)
+    for a, b in zip(chunked_grads, plain_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

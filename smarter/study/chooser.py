@@ -14,11 +14,12 @@ FINETUNE_RECIPE = REPO_CONFIGS / "finetune" / "lora.yaml"
 def choose_best(results: list[VariantResult], reference: str, tolerance: float) -> tuple[VariantResult | None, str]:
     """The variant to fine-tune and the rule that picked it.
 
-    The rule: the fastest batch-1 decode among finished variants whose held-out perplexity is within
+    The rule: the fastest batch-1 decode (the better of the eager and the fast decoder) among finished
+    variants whose held-out perplexity is within
     ``tolerance`` (a fraction) of the reference's; less peak memory breaks ties. Without a finished
     reference there is no perplexity limit.
     """
-    finished = [r for r in results if r.ok and r.value("decode_tokens_per_s") is not None]
+    finished = [r for r in results if r.ok and r.best_decode_tokens_per_s is not None]
     ref = next((r for r in finished if r.variant == reference and r.value("val_ppl") is not None), None)
     if ref is not None:
         limit = ref.val_ppl * (1 + tolerance)
@@ -34,7 +35,7 @@ def choose_best(results: list[VariantResult], reference: str, tolerance: float) 
         )
     if not qualifying:
         return None, rule
-    best = max(qualifying, key=lambda r: (r.decode_tokens_per_s, -(r.value("peak_gib") or 0.0)))
+    best = max(qualifying, key=lambda r: (r.best_decode_tokens_per_s, -(r.value("peak_gib") or 0.0)))
     return best, rule
 
 

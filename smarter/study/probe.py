@@ -120,7 +120,7 @@ def measure_prefill(result: VariantResult, model, val, settings: StudySettings, 
 
 def measure_decode(result: VariantResult, cli, settings: StudySettings, device: torch.device) -> None:
     """Batch-1 greedy decode: ours, and transformers' ``generate`` on the same model, interleaved."""
-    from lightning_modules.measurement import compare_decoders
+    from lightning_modules.measurement import compare_decoders, time_fast_decoder
 
     prompt = cli.datamodule.prompt_items()[0]["input_ids"][None].to(device)  # (1, prompt_len)
     eos_id = cli.model.tokenizer.eos_id
@@ -130,6 +130,12 @@ def measure_decode(result: VariantResult, cli, settings: StudySettings, device: 
     result.decode_new_tokens = settings.new_tokens
     for key, value in asdict(timings).items():
         setattr(result, key, value)
+    fast = time_fast_decoder(cli.model.model, prompt, settings.new_tokens, settings.repeats)
+    result.fast_decoder = fast.decoder
+    result.fast_ttft_ms = fast.ttft_ms
+    result.fast_decode_tokens_per_s = fast.decode_tokens_per_s
+    result.fast_generate_tokens_per_s = fast.generate_tokens_per_s
+    result.decode_compile_s = fast.compile_s
 
 
 def measure_agreement(

@@ -54,6 +54,12 @@ class VariantResult:
     our_generate_tokens_per_s: float | None = None
     hf_generate_latency_ms: float | None = None
     hf_generate_tokens_per_s: float | None = None
+    # the same decode with the framework's fast decoder (static cache; CUDA graphs on a GPU)
+    fast_decoder: str | None = None
+    fast_ttft_ms: float | None = None
+    fast_decode_tokens_per_s: float | None = None
+    fast_generate_tokens_per_s: float | None = None
+    decode_compile_s: float | None = None
     # quality versus the reference variant
     kl_tokens: int | None = None
     kl_vs_reference: float | None = None
@@ -78,13 +84,19 @@ class VariantResult:
         return self.status == "ok"
 
     @property
+    def best_decode_tokens_per_s(self) -> float | None:
+        """The faster of the eager and the fast decoder: the variant at its best."""
+        speeds = [v for v in (self.value("decode_tokens_per_s"), self.value("fast_decode_tokens_per_s")) if v]
+        return max(speeds, default=None)
+
+    @property
     def peak_gib(self) -> float | None:
         """Peak memory: GPU allocations on a GPU, resident host memory on a CPU."""
         return self.peak_allocated_gib if self.peak_allocated_gib is not None else self.peak_host_rss_gib
 
     def value(self, key: str) -> float | None:
         """A numeric figure by field name (``peak_gib`` included), or None when absent or not finite."""
-        value = self.peak_gib if key == "peak_gib" else getattr(self, key)
+        value = getattr(self, key)
         return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
     def to_dict(self) -> dict[str, Any]:

@@ -32,6 +32,8 @@ COLUMNS: list[Column] = [
     Column("prefill_tokens_per_s", "prefill tok/s", False),
     Column("ttft_ms", "TTFT ms", True),
     Column("decode_tokens_per_s", "decode tok/s", False),
+    Column("fast_decode_tokens_per_s", "fast decode tok/s", False),
+    Column("decode_compile_s", "compile s", True),
     Column("our_generate_tokens_per_s", "generate e2e tok/s", False),
     Column("hf_generate_tokens_per_s", "HF generate e2e tok/s", False),
     Column("device_time_per_step_ms", "device ms/step", True),

@@ -1,0 +1,392 @@
+"""Benchmark: the plain transformers + peft way against this framework's fit, validate and predict, side by side.
+
+Every workload runs in a fresh process (clean memory figures) on the same GPU, the same Mistral-7B-shape
+weights and the same Treasure Island blocks; the baseline is measured in the same run. Printed last:
+each figure with its ratio to its baseline and its fraction of the ceiling. JSON: one file per workload.
+
+    python benchmarks/speed_side_by_side.py --out results/                   # every workload
+    python benchmarks/speed_side_by_side.py --out results/ --only plain-qlora qlora-fast
+    python benchmarks/speed_side_by_side.py --out results/ --source tiny --steps 3   # CPU smoke run
+
+Workloads:
+- ``plain-qlora``: from_pretrained with BitsAndBytesConfig (nf4, bf16 compute), prepare_model_for_kbit_training
+  (gradient checkpointing on), peft LoRA r16 on all seven projections, AdamW, a hand-written loop;
+- ``plain-lora-bf16``: the same on bf16 weights (gradient checkpointing on);
+- ``fit:<config>``: ``smarter fit`` with that config (e.g. ``fit:configs/finetune/qlora-fast.yaml``);
+- ``validate:<config>``: ``smarter validate`` (every token scored: stride = block);
+- ``decode:<config>``: batch-1 greedy decode of 4 prompts, 128 new tokens each, with transformers'
+  ``generate`` and with the framework's decoder (every prompt timed, the first included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from foundation import GIB, IGNORE_INDEX, synchronize  # noqa: E402
+
+BATCH, BLOCK = 4, 1024
+DEFAULT_WORKLOADS = [
+    "plain-qlora",
+    "fit:configs/finetune/qlora.yaml",
+    "fit:configs/finetune/qlora-fast.yaml",
+    "fit:configs/finetune/qlora-lean.yaml",
+    "plain-lora-bf16",
+    "fit:configs/finetune/lora-bf16-fast.yaml",
+    "validate:configs/variants/bf16-sdpa.yaml",
+    "validate:configs/variants/nf4-sdpa.yaml",
+    "decode:configs/variants/bf16-sdpa.yaml",
+    "decode:configs/variants/nf4-sdpa.yaml",
+]
+# Ceilings on one H200: 4 x params FLOPs per trained token (LoRA: forward, backward through the frozen
+# weights, recomputation not counted) and 2 x params per evaluated token, at the bf16 matmul rate measured
+# on this machine; decode reads every weight once per token.
+H200_MATMUL_TFLOPS = 783.0
+H200_COPY_TBPS = 4.3
+
+
+def _training_blocks(source: str, steps: int) -> list[dict[str, torch.Tensor]]:
+    """``steps`` batches of packed Treasure Island training blocks, the same for every workload."""
+    from datamodules.treasure_island import TreasureIslandDataModule
+    from lightning_modules.model_building import ModelSpec
+
+    data = TreasureIslandDataModule(block_size=BLOCK if source != "tiny" else 64, batch_size=BATCH)
+    data.model_requirements = None
+    _ = ModelSpec  # the preset's tokenizer is the Mistral v1 one, as the data module's default
+    data.prepare_data()
+    data.setup("fit")
+    rows = data.datasets["train"].tensors
+    batches = []
+    for index in range(steps):
+        pick = slice(index * BATCH, (index + 1) * BATCH)
+        batches.append({"input_ids": rows["input_ids"][pick], "labels": rows["labels"][pick]})
+    return batches
+
+
+def _preset_folder(source: str, device: torch.device) -> str:
+    from lightning_modules.model_building import ModelSpec, prepare_preset_weights
+
+    folder = prepare_preset_weights(ModelSpec(source=source), device)
+    return str(folder) if folder is not None else source
+
+
+def plain_lora(source: str, quantized: bool, steps: int, warmup: int) -> dict:
+    """The plain way, as a notebook does it: no framework code in the timed loop."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    folder = _preset_folder(source, device)
+    quant = (
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        if quantized
+        else None
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.bfloat16, attn_implementation="sdpa", quantization_config=quant, device_map={"": device}
+    )
+    if quantized:
+        model = prepare_model_for_kbit_training(model)  # casts the rest to fp32, turns checkpointing on
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    batches = _training_blocks(source, warmup + steps)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed_tokens, timed_s = 0, 0.0
+    model.train()
+    for index, batch in enumerate(batches):
+        ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        synchronize(device)
+        start = time.perf_counter()
+        # bf16 autocast, as transformers' Trainer runs with bf16=True: prepare_model_for_kbit_training left
+        # the norms and the LM head in fp32
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=ids).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
+        )
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        if index >= warmup:
+            timed_s += time.perf_counter() - start
+            timed_tokens += int((labels != IGNORE_INDEX).sum())
+    return {
+        "tokens_per_s": timed_tokens / timed_s,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
+        "timed_steps": steps,
+        "final_loss": float(loss),
+    }
+
+
+def smarter_run(kind: str, config: str, source: str, steps: int, warmup: int, extra: list[str]) -> dict:
+    # extra may add config files ("-c configs/distributed/ddp.yaml") and options
+    """``smarter fit`` / ``validate`` through the framework's own CLI objects, timed by its throughput callback."""
+    from callbacks import ThroughputMemoryCallback
+    from smarter.cli import build_cli, quiet_known_warnings
+
+    quiet_known_warnings()
+    scratch = tempfile.mkdtemp()  # the recipe's own logger and checkpoints, out of the way
+    args = ["-c", str(REPO / config), "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    args += ["--trainer.default_root_dir", scratch, "--trainer.logger.init_args.save_dir", scratch]
+    args += ["--model.source", source, "--data.eval_stride", str(BLOCK if source != "tiny" else 64)]
+    if kind == "validate":  # chapters 13-32 held out: enough batches to time
+        args += ["--data.val_chapters", "[" + ",".join(str(n) for n in range(13, 33)) + "]"]
+    if source == "tiny":  # a CPU smoke run
+        args += ["--data.block_size", "64"]
+    args += extra
+    if kind == "fit":
+        args += ["--trainer.max_steps", str(warmup + steps), "--trainer.limit_val_batches", "0"]
+    else:
+        args += ["--trainer.limit_val_batches", str(warmup + steps)]
+    cli = build_cli(args, run=False)
+    meter = ThroughputMemoryCallback(warmup_steps=warmup, log_every_n_steps=10_000)
+    cli.trainer.callbacks.append(meter)
+    start = time.perf_counter()
+    if kind == "fit":
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        stage = "train"
+    else:
+        cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+        stage = "val"
+    result = dict(meter.summary[stage])
+    result["wall_s"] = time.perf_counter() - start
+    result["spec"] = cli.model.spec.describe()
+    result["devices"] = cli.trainer.world_size
+    if kind == "validate":
+        result["val_ppl"] = float(cli.trainer.callback_metrics["val/ppl"])
+    return result
+
+
+def decode_run(config: str, source: str, new_tokens: int, extra: list[str]) -> dict:
+    """Batch-1 greedy decode of the default prompts: transformers' generate, then the framework's decoder."""
+    from lightning_modules.generation import GenerationSettings, StaticCacheDecoder, generate_timed
+    from lightning_modules.measurement import timed_hf_generate
+    from smarter.cli import HEADLESS_TRAINER_ARGS, build_cli, quiet_known_warnings
+
+    quiet_known_warnings()
+    cli = build_cli(["-c", str(REPO / config), *HEADLESS_TRAINER_ARGS, "--model.source", source, *extra], run=False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = cli.model.build_model(device).eval()
+    prompts = [item["input_ids"][None].to(device) for item in cli.datamodule.prompt_items()]
+    eos = cli.model.tokenizer.eos_id
+
+    def hf(prompt):
+        seconds, tokens = timed_hf_generate(model, prompt, new_tokens, eos)
+        return new_tokens / seconds, tokens
+
+    hf_rates, hf_tokens = zip(*[hf(p) for p in prompts], strict=True)
+    settings = GenerationSettings(max_new_tokens=new_tokens)
+    decoder_kind = "static-compiled" if device.type == "cuda" else "static"
+    longest = max(p.shape[1] for p in prompts) + new_tokens
+    synchronize(device)
+    start = time.perf_counter()
+    decoder = StaticCacheDecoder(model, max_cache_len=-(-longest // 128) * 128, compiled=decoder_kind != "dynamic")
+    for _ in range(2):  # warm-up on the real shapes: the longest prompt (compiles the step)
+        generate_timed(model, max(prompts, key=lambda p: p.shape[1]), settings, static_decoder=decoder)
+    synchronize(device)
+    compile_s = time.perf_counter() - start
+    runs = [generate_timed(model, p, settings, static_decoder=decoder) for p in prompts]
+    return {
+        "hf_generate_tokens_per_s": list(hf_rates),
+        "decode_tokens_per_s": [r.decode_tokens_per_s for r in runs],
+        "generate_tokens_per_s": [new_tokens / r.total_s for r in runs],
+        "ttft_ms": [1000 * r.ttft_s for r in runs],
+        "compile_s": compile_s,
+        "decoder": decoder_kind,
+        "same_greedy_tokens_as_generate": [r.new_tokens == list(h) for r, h in zip(runs, hf_tokens, strict=True)],
+        "weights_gib": model.get_memory_footprint() / GIB,
+    }
+
+
+def qlora_export_check(source: str, steps: int) -> dict:
+    """A short QLoRA fit with a checkpoint; its adapter export loaded onto the nf4 base with plain peft
+    must give the fine-tuned model's validation perplexity."""
+    import lightning as L
+    from peft import PeftModel
+
+    from lightning_modules import load_causal_lm
+    from lightning_modules.export import export_trained_model
+    from smarter.cli import build_cli, quiet_known_warnings
+
+    quiet_known_warnings()
+    scratch = Path(tempfile.mkdtemp())
+    args = ["-c", str(REPO / "configs/finetune/qlora-lean.yaml"), "--model.source", source]
+    args += ["--trainer.logger.init_args.save_dir", str(scratch), "--trainer.default_root_dir", str(scratch)]
+    args += [
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.enable_progress_bar=false",
+    ]
+    cli = build_cli(args, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    checkpoint = scratch / "checkpoint.ckpt"
+    cli.trainer.save_checkpoint(checkpoint)
+
+    def val_ppl(module) -> float:
+        trainer = L.Trainer(accelerator="gpu", devices=1, logger=False, enable_progress_bar=False, limit_val_batches=8)
+        trainer.validate(module, datamodule=cli.datamodule, verbose=False)
+        return float(trainer.callback_metrics["val/ppl"])
+
+    trained_ppl = val_ppl(cli.model)
+    (adapter,) = export_trained_model(cli.model.model, cli.model.spec, scratch / "export")
+    base_spec = dataclasses.replace(cli.model.spec, lora=None, compile="off", activation_checkpointing="off")
+    reloaded = type(cli.model)(**{**dict(cli.model.hparams), "lora": None, "compile": "off"})
+    reloaded.model = PeftModel.from_pretrained(load_causal_lm(base_spec, "cuda"), str(adapter)).eval()
+    return {
+        "checkpoint_mb": checkpoint.stat().st_size / 1e6,
+        "adapter_mb": sum(f.stat().st_size for f in adapter.iterdir()) / 1e6,
+        "fine_tuned_val_ppl": trained_ppl,
+        "adapter_on_nf4_base_val_ppl": val_ppl(reloaded),
+        "adapter_config": json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"],
+    }
+
+
+def run_workload(name: str, args: argparse.Namespace) -> dict:
+    if name == "qlora-export":
+        return qlora_export_check(args.source, args.steps)
+    if name == "plain-qlora":
+        return plain_lora(args.source, quantized=True, steps=args.steps, warmup=args.warmup)
+    if name == "plain-lora-bf16":
+        return plain_lora(args.source, quantized=False, steps=args.steps, warmup=args.warmup)
+    kind, _, rest = name.partition(":")
+    config, *extra = rest.split()
+    if kind in ("fit", "validate"):
+        return smarter_run(kind, config, args.source, args.steps, args.warmup, extra)
+    if kind == "decode":
+        return decode_run(config, args.source, args.new_tokens, extra)
+    raise SystemExit(f"unknown workload {name!r}")
+
+
+def _file_name(workload: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in workload)[:120] + ".json"
+
+
+def versions() -> dict:
+    import importlib.metadata as metadata
+
+    found = {"torch": torch.__version__, "cuda": str(torch.version.cuda)}
+    for package in ("transformers", "peft", "bitsandbytes", "lightning", "liger_kernel"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    found["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return found
+
+
+def summary_table(results: dict[str, dict]) -> str:
+    """Each figure beside its baseline from the same run, with the ratio and the fraction of the ceiling."""
+    from lightning_modules.model_building import resolve_model_config
+
+    params = 7.2417e9
+    train_ceiling = H200_MATMUL_TFLOPS * 1e12 / (4 * params)
+    eval_ceiling = H200_MATMUL_TFLOPS * 1e12 / (2 * params)
+    _ = resolve_model_config
+    rows = ["| workload | tokens/s | peak GiB | vs baseline | of ceiling |", "| --- | --- | --- | --- | --- |"]
+    baselines = {"qlora": results.get("plain-qlora", {}), "bf16": results.get("plain-lora-bf16", {})}
+    for name, result in results.items():
+        if "error" in result:
+            rows.append(f"| {name} | failed: {result['error'][:80]} | | | |")
+            continue
+        if name.startswith("decode:"):
+            ours, hf = result["generate_tokens_per_s"], result["hf_generate_tokens_per_s"]
+            ceiling = H200_COPY_TBPS * 1e12 / (result["weights_gib"] * GIB)
+            rows.append(
+                f"| {name} (each prompt) | {', '.join(f'{x:.0f}' for x in ours)} | | "
+                f"HF generate {', '.join(f'{x:.0f}' for x in hf)} (x{min(ours) / max(hf):.2f} worst vs best) | "
+                f"{min(ours) / ceiling:.0%} (compile {result['compile_s']:.0f} s) |"
+            )
+            continue
+        rate = result.get("tokens_per_s")
+        peak = result.get("peak_allocated_gib")
+        family = "qlora" if "qlora" in name else "bf16" if ("bf16" in name and "fit" in name) else None
+        base = baselines.get(family or "", {}).get("tokens_per_s") if not name.startswith("plain") else None
+        ceiling = eval_ceiling if name.startswith("validate") else train_ceiling
+        rows.append(
+            f"| {name} | {rate:,.0f} | {peak if peak is None else f'{peak:.2f}'} | "
+            f"{f'x{rate / base:.2f}' if base else '–'} | {rate / ceiling:.0%} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for one JSON file per workload")
+    parser.add_argument("--only", nargs="*", default=None, help="workloads to run (default: all)")
+    parser.add_argument("--source", default="mistral-7b")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--workload", default=None, help=argparse.SUPPRESS)  # one workload, in a child
+    parser.add_argument("--budget-s", type=float, default=560, help="stop starting workloads after this")
+    parser.add_argument("--workload-timeout-s", type=float, default=300, help="stop a workload after this")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.workload:  # child process: one workload, one JSON file
+        file = out / _file_name(args.workload)
+        try:
+            result = run_workload(args.workload, args)
+        except Exception as error:  # reported in the table, the other workloads still run
+            result = {"error": f"{type(error).__name__}: {error}"}
+        if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":  # one file, from the first process
+            file.write_text(json.dumps(result, indent=2, default=str))
+        return
+    started = time.monotonic()
+    results: dict[str, dict] = {}
+    for name in args.only or DEFAULT_WORKLOADS:
+        if time.monotonic() - started > args.budget_s:
+            results[name] = {"error": "not run: time budget spent"}
+            continue
+        child = [sys.executable, __file__, "--workload", name, "--out", str(out), "--source", args.source]
+        child += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--new-tokens", str(args.new_tokens)]
+        began = time.monotonic()
+        log = out / (_file_name(name)[: -len(".json")] + ".log")
+        with log.open("w") as handle:  # the workload's own output, kept whatever happens to it
+            worker = subprocess.Popen(
+                child,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+            try:
+                worker.wait(timeout=args.workload_timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, 9)  # with every process it started (DDP ranks)
+                worker.wait()
+        file = out / _file_name(name)
+        if file.is_file():
+            results[name] = json.loads(file.read_text())
+        else:
+            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+            results[name] = {"error": f"no result after {time.monotonic() - began:.0f} s: {tail[-300:]}"}
+        results[name]["process_s"] = time.monotonic() - began
+        print(f"[bench] {name}: {json.dumps(results[name], default=str)[:300]}", flush=True)
+    (out / "summary.json").write_text(json.dumps({"versions": versions(), "results": results}, indent=2, default=str))
+    print(json.dumps(versions()))
+    print(summary_table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Speed paths chosen by configuration, each off or automatic where it cannot run (a CPU never needs one).
+
+- ``kernels``: Liger's fused Triton kernels for RMSNorm, RoPE and SwiGLU (``liger``), on a CUDA GPU with
+  ``liger-kernel`` installed; ``auto`` uses them when both are there and the layers are not compiled.
+- ``loss``: the summed next-token NLL without the whole batch's fp32 logits: Liger's fused linear
+  cross-entropy (``fused``, GPU), or logits made and dropped a chunk of positions at a time, each chunk
+  recomputed in backward (``chunked``, anywhere); ``logits`` is the plain way. All give the exact sum
+  that perplexity needs.
+- ``activation_checkpointing``: recompute decoder layers in backward, ``every-layer`` or ``selective``
+  (every ``checkpoint_every``-th layer: less memory than none, less recomputation than all).
+- ``compile``: ``torch.compile`` each decoder layer (regional compilation: one compile serves all 32
+  layers, and it composes with checkpointing and bitsandbytes 4-bit).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from foundation import IGNORE_INDEX
+
+Kernels = Literal["auto", "liger", "off"]
+LossPath = Literal["auto", "fused", "chunked", "logits"]
+Checkpointing = Literal["off", "every-layer", "selective"]
+Compile = Literal["off", "layers"]
+
+
+def liger_available() -> bool:
+    """Liger's kernels can run here: the package is installed and a CUDA GPU is visible."""
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
+def resolve_kernels(kernels: str, device: torch.device, compile_mode: str = "off") -> str:
+    """``liger`` or ``off`` for this device. ``auto`` takes Liger on a GPU where it is installed, but not
+    under compiled layers: inductor fuses RMSNorm, RoPE and SwiGLU itself, and Liger's RMSNorm kernel
+    does not compile inside inductor's graph (liger-kernel 0.8.5, torch 2.11)."""
+    if kernels == "auto":
+        return "liger" if device.type == "cuda" and liger_available() and compile_mode == "off" else "off"
+    return kernels
+
+
+def resolve_loss(loss: str, device: torch.device) -> str:
+    """``fused``, ``chunked`` or ``logits`` for this device. ``auto``: on a GPU, fused with Liger, else
+    chunked; on a CPU, the plain logits (memory is not what limits a CPU run, and recomputing chunks
+    costs time)."""
+    if loss == "auto":
+        if device.type != "cuda":
+            return "logits"
+        return "fused" if liger_available() else "chunked"
+    return loss
+
+
+def apply_liger_kernels(model: torch.nn.Module) -> None:
+    """Swap RMSNorm, RoPE and SwiGLU of a (not yet LoRA-wrapped) Mistral for Liger's fused kernels."""
+    from liger_kernel.transformers import apply_liger_kernel_to_mistral
+
+    apply_liger_kernel_to_mistral(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model
+    )
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a Mistral, peft-wrapped or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
+
+
+def apply_activation_checkpointing(model: torch.nn.Module, mode: str, every: int = 2) -> None:
+    """Recompute decoder layers in backward: all of them, or every ``every``-th (``selective``)."""
+    if mode == "off":
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if mode == "selective":
+        for index, layer in enumerate(decoder_layers(model)):
+            layer.gradient_checkpointing = index % every == 0
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """``torch.compile`` every decoder layer in place (the same code compiles once for all of them)."""
+    for layer in decoder_layers(model):
+        layer.compile(dynamic=False)
+
+
+def _chunk_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = hidden @ weight.t()  # (rows, vocab), in the weight's dtype, as the plain LM head computes it
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_nll_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 2048
+) -> torch.Tensor:
+    """Summed NLL (fp32) of ``labels`` under ``hidden @ weight.T``, ``chunk_rows`` positions at a time.
+
+    Args:
+        hidden: ``(positions, hidden)`` final hidden states.
+        weight: ``(vocab, hidden)`` LM head weight.
+        labels: ``(positions,)`` targets, ``IGNORE_INDEX`` where not scored.
+        chunk_rows: Positions per chunk; with gradients, each chunk's logits are recomputed in backward
+            instead of kept, so at most one chunk of logits is alive.
+    """
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            total = total + checkpoint(_chunk_nll_sum, hidden[rows], weight, labels[rows], use_reentrant=False)
+        else:
+            total = total + _chunk_nll_sum(hidden[rows], weight, labels[rows])
+    return total
+
+
+def fused_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed NLL by Liger's fused linear cross-entropy (no logits kept; fp32 softmax)."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss(weight, hidden, labels).float()

@@ -1,0 +1,155 @@
+"""Several processes (gloo on a CPU, as DDP runs on GPUs): the data split without overlap, every metric
+reduced exactly, checkpoints and predictions written once and whole, and several machines."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+from helpers import QUIET, TINY, run_smarter, scalars
+
+CPU = ["--trainer.accelerator", "cpu"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    path = os.pathsep.join([str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def _val_ppl(folder: Path, *args: str) -> float:
+    result = run_smarter(
+        "validate", "-c", TINY, *QUIET, *CPU, "--data.block_size", "128", *args, cwd=folder, timeout=600, env=_env()
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (value,) = [v for _, v in scalars(folder / "runs")["val/ppl"]]
+    return value
+
+
+def test_perplexity_under_ddp_equals_single_process(tmp_path, book_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    single = _val_ppl(tmp_path / "one")
+    ddp = _val_ppl(tmp_path / "two", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    assert ddp == pytest.approx(single, rel=1e-6)
+
+
+def test_fit_on_two_processes_sees_each_sample_once_writes_one_checkpoint_and_exact_val_ppl(tmp_path, book_path):
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    fit = ["fit", "-c", TINY, *QUIET, *CPU, "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    fit += ["--data.block_size", "256", "--data.batch_size", "4", "--trainer.max_epochs", "1"]
+    fit += ["--trainer.val_check_interval", "1.0", "--trainer.log_every_n_steps", "1"]
+    fit += ["--trainer.callbacks+=custom_modules.RecordTrainingRows", "--trainer.callbacks.folder", str(rows)]
+    fit += ["-c", str(REPO_ROOT / "configs/callbacks/throughput.yaml")]
+    result = run_smarter(*fit, cwd=tmp_path, timeout=600, env=_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = [line for rank in (0, 1) for line in (rows / f"rank{rank}.txt").read_text().split()]
+    from datamodules.treasure_island import TreasureIslandDataModule
+
+    data = TreasureIslandDataModule(block_size=256)
+    data.setup("fit")
+    train = data.datasets["train"].tensors["input_ids"]
+    every = [hashlib.sha256(row.numpy().tobytes()).hexdigest() for row in train]
+    assert sorted(seen) == sorted(every)  # each training block once in the epoch, across both processes
+    run = next((tmp_path / "runs" / "tiny").glob("version_*"))
+    checkpoints = list((run / "checkpoints").glob("*.ckpt"))
+    assert len(checkpoints) == 1 and len(list((run / "export").iterdir())) == 1
+    logged = scalars(run)
+    assert (
+        logged["perf/train/tokens_per_s"][-1][1]
+        == pytest.approx(2 * logged["perf/train/tokens_per_s_per_device"][-1][1])
+        if "perf/train/tokens_per_s" in logged
+        else True
+    )
+    fit_ppl = logged["val/ppl"][-1][1]  # validated on 2 processes at the end of the epoch
+    (tmp_path / "check").mkdir()
+    single = _val_ppl(tmp_path / "check", "--data.block_size", "256", "--ckpt_path", str(checkpoints[0]))
+    assert single == pytest.approx(fit_ppl, rel=1e-6)
+
+
+def test_predict_on_two_processes_writes_every_prompt_once_in_order(tmp_path, book_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"Question number {n}?\n" for n in range(5)))
+    args = ["predict", "-c", TINY, *QUIET, *CPU, "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    args += ["--data.prompts_file", str(prompts), "--model.generation.max_new_tokens", "3"]
+    result = run_smarter(*args, cwd=tmp_path, timeout=600, env=_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    (predictions,) = (tmp_path / "runs").rglob("predictions.jsonl")
+    records = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert [r["prompt"] for r in records] == [f"Question number {n}?" for n in range(5)]
+    assert not list(predictions.parent.glob("*.part"))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_single_process_nodes_score_the_single_process_perplexity(tmp_path, book_path):
+    """Two separate launches, NODE_RANK 0 and 1, as two machines would run them (one process each)."""
+    (tmp_path / "one").mkdir()
+    single = _val_ppl(tmp_path / "one")
+    port = str(_free_port())
+    args = ["validate", "-c", TINY, *QUIET, *CPU, "--data.block_size", "128", "--trainer.num_nodes", "2"]
+    args += ["--trainer.devices", "1", "--trainer.strategy", "ddp"]
+    nodes = []
+    for rank in (0, 1):
+        folder = tmp_path / f"node{rank}"
+        folder.mkdir()
+        env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(rank), WORLD_SIZE="2")
+        nodes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "smarter.cli", *args],
+                cwd=folder,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        )
+    for node in nodes:
+        _, stderr = node.communicate(timeout=600)
+        assert node.returncode == 0, stderr.decode()[-3000:]
+    (value,) = [v for _, v in scalars(tmp_path / "node0" / "runs")["val/ppl"]]
+    assert value == pytest.approx(single, rel=1e-6)
+    assert not (tmp_path / "node1" / "runs").exists()  # only the first machine writes logs
+
+
+def test_a_strategy_that_cannot_run_is_refused_before_weights_load(tmp_path, monkeypatch, capsys):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from foundation import ConfigError
+    from smarter.cli import check_strategy_fits_quantization, main
+
+    class FSDPOnAGpu(FSDPStrategy):
+        @property
+        def root_device(self) -> torch.device:
+            return torch.device("cuda", 0)
+
+    with pytest.raises(ConfigError, match="shards floating-point tensors only; set model.quant_storage: bfloat16"):
+        check_strategy_fits_quantization(FSDPOnAGpu(), "nf4", "uint8")
+    with pytest.raises(ConfigError, match="cannot shard LLM.int8 weights"):
+        check_strategy_fits_quantization(FSDPOnAGpu(), "int8", "uint8")
+    check_strategy_fits_quantization(FSDPOnAGpu(), "nf4", "bfloat16")  # the FSDP-QLoRA config: accepted
+
+    monkeypatch.chdir(tmp_path)
+    fsdp = str(REPO_ROOT / "configs/distributed/fsdp-qlora.yaml")
+    args = ["fit", "-c", str(REPO_ROOT / "configs/finetune/qlora.yaml"), "-c", fsdp, "--model.source", "tiny"]
+    with pytest.raises(SystemExit) as refused:
+        main([*args, *CPU, "--trainer.devices", "1"])
+    assert refused.value.code == 2
+    assert "MistralFSDPStrategy runs on GPUs only; use trainer.strategy ddp on CPUs." in capsys.readouterr().err
+    with pytest.raises(SystemExit) as too_many:
+        main(["validate", "-c", TINY, "--trainer.accelerator", "gpu", "--trainer.devices", "64"])
+    assert too_many.value.code == 2
+    assert "the trainer settings cannot run here" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

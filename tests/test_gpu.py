@@ -111,3 +111,46 @@ def test_the_compiled_static_decoder_gives_the_eager_logits_on_gpu():
             assert (compiled - full).norm() / full.norm() < 2e-2, step
             prompt = torch.cat([prompt, token], dim=1)
             token = compiled.argmax(-1, keepdim=True)
+
+
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+
+
+@needs_two_gpus
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp-qlora"])
+def test_qlora_on_two_gpus_trains_checkpoints_once_and_exports_the_adapter(strategy, tmp_path, book_path):
+    """The tiny preset, nf4 QLoRA, on 2 GPUs: DDP, and FSDP with the 4-bit weights in bf16 containers."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    args = ["fit", "-c", str(REPO_ROOT / "configs/finetune/qlora-lean.yaml"), "-c"]
+    args += [
+        str(REPO_ROOT / f"configs/distributed/{strategy}.yaml"),
+        "--model.source",
+        "tiny",
+        "--model.compile",
+        "off",
+    ]
+    args += ["--data.block_size", "128", "--data.eval_stride", "128", "--trainer.max_steps", "4"]
+    args += ["--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "2", "--trainer.devices", "2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "smarter.cli", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    run = next((tmp_path / "runs").rglob("version_*"))
+    assert len(list((run / "checkpoints").glob("*.ckpt"))) >= 1
+    (adapter,) = (run / "export").glob("adapter")
+    from peft import PeftModel
+
+    base = load_causal_lm(ModelSpec(source="tiny", quantization="nf4"), "cuda")
+    reloaded = PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(_ids()).logits).all()

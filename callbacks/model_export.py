@@ -35,11 +35,16 @@ class ExportAtFitEnd(Callback):
             return Path(self.output_dir)
         return Path(trainer.log_dir or trainer.default_root_dir) / "export"
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.output_dir and Path(self.output_dir).exists():
+    def check_target(self) -> None:
+        """Refuse an existing ``output_dir`` (before anything runs: nothing is changed)."""
+        if self.output_dir and Path(self.output_dir).exists():
             raise ConfigError(
                 f"export output_dir {self.output_dir} already exists; choose another folder or move it away."
             )
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.check_target()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = self.folder(trainer)  # every process: the log folder is agreed on collectively

@@ -29,6 +29,15 @@ def _process_group() -> tuple[int, int]:
     return 1, 0
 
 
+def unrepeated_sampler(dataset) -> DistributedSampler | None:
+    """In a process group, a sampler that gives each process its own share of ``dataset``, in order, none
+    twice (shares may differ by one); outside one, None (the loader's own order)."""
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    world, _ = _process_group()
+    return UnrepeatedDistributedSampler(dataset, shuffle=False) if world > 1 else None
+
+
 class EpochShuffleSampler(DistributedSampler):
     """Shuffle ``num_samples`` indices per epoch from ``(seed, epoch)``; this process takes every ``world``-th.
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
@@ -26,7 +25,7 @@ from datamodules.gutenberg import (
 )
 from datamodules.packing import make_eval_windows, pack_into_blocks, scored_bytes
 from datamodules.prompts import DEFAULT_PROMPTS, instruction_text, read_prompts_file
-from datamodules.sampling import EpochShuffleSampler, ResumableDataLoader
+from datamodules.sampling import EpochShuffleSampler, ResumableDataLoader, unrepeated_sampler
 from foundation import IGNORE_INDEX, ConfigError, atomic_torch_save, cache_folder
 from lightning_modules import MISTRAL_V1_TOKENIZER, InputRequirements, TextTokenizer, load_tokenizer
 
@@ -311,10 +310,7 @@ class TreasureIslandDataModule(L.LightningDataModule):
     # ---- loaders -------------------------------------------------------------------------
     def _eval_loader(self, split: str) -> DataLoader:
         dataset = self.datasets[split]
-        sampler = None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # shard without padding, so no window is scored twice across processes
-            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+        sampler = unrepeated_sampler(dataset)  # shared out without padding: no window is scored twice
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,
@@ -349,10 +345,9 @@ class TreasureIslandDataModule(L.LightningDataModule):
         """One prompt per batch: batch-1 decoding, timed per prompt. With several processes each takes its
         own share of the prompts (none twice); the prediction writer puts them back in order."""
         items = self.prompt_items()
-        sampler = None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            sampler = UnrepeatedDistributedSampler(items, shuffle=False)
-        return DataLoader(items, batch_size=1, shuffle=False, sampler=sampler, collate_fn=_collate_prompt)
+        return DataLoader(
+            items, batch_size=1, shuffle=False, sampler=unrepeated_sampler(items), collate_fn=_collate_prompt
+        )
 
 
 def _collate_prompt(items: list[dict]) -> dict:

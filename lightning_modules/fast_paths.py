@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Literal
 
@@ -29,8 +30,9 @@ Checkpointing = Literal["off", "every-layer", "selective"]
 Compile = Literal["off", "layers"]
 
 
+@functools.cache
 def liger_available() -> bool:
-    """Liger's kernels can run here: the package is installed and a CUDA GPU is visible."""
+    """Liger's kernels can run here: the package is installed and a CUDA GPU is visible (asked once)."""
     return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
 
 

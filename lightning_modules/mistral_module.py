@@ -119,6 +119,9 @@ class MistralModule(L.LightningModule):
         self.test_metric = TokenNLLMetric()
         # With adapters, checkpoints hold only what trains: the frozen base is rebuilt from spec.
         self.strict_loading = self.spec.lora is None
+        self.static_decoder: StaticCacheDecoder | None = None  # set in on_predict_start
+        self._resumed = False  # set by on_load_checkpoint
+        self._rng_to_restore: dict[str, Any] | None = None
 
     # ---- building ------------------------------------------------------------------------
     @property
@@ -296,7 +299,7 @@ class MistralModule(L.LightningModule):
             self.generation,
             eos_id=self.tokenizer.eos_id,
             sample_seed=self.generation.seed + batch_idx,
-            static_decoder=getattr(self, "static_decoder", None),
+            static_decoder=self.static_decoder,
         )
         return {
             "index": int(batch.get("index", batch_idx)),
@@ -377,7 +380,7 @@ class MistralModule(L.LightningModule):
             return
         hp = self.hparams
         optimizer = self.trainer.optimizers[0]
-        resumed = getattr(self, "_resumed", False)
+        resumed = self._resumed
         if resumed:
             for group in optimizer.param_groups:
                 group.update(initial_lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
@@ -396,9 +399,8 @@ class MistralModule(L.LightningModule):
                 scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        state = getattr(self, "_rng_to_restore", None)
-        if state is not None:
-            restore_rng_state(state)
+        if self._rng_to_restore is not None:
+            restore_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
 
 

@@ -13,7 +13,6 @@ import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NoReturn
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -212,9 +211,8 @@ class SmarterCLI(LightningCLI):
             if isinstance(callback, JsonlPredictionWriter) and subcommand == "predict":
                 check_writable_folder(callback.target(trainer).parent, "the predictions folder")
                 callback.check_target(trainer)
-            exporting = isinstance(callback, ExportAtFitEnd) and subcommand == "fit" and callback.output_dir
-            if exporting and Path(callback.output_dir).exists():
-                raise ConfigError(f"export output_dir {callback.output_dir} already exists; choose another.")
+            if isinstance(callback, ExportAtFitEnd) and subcommand == "fit":
+                callback.check_target()
             dirpath = getattr(callback, "dirpath", None)
             if dirpath:
                 check_writable_folder(dirpath, "the checkpoint folder")
@@ -244,6 +242,14 @@ class SmarterCLI(LightningCLI):
         self._prepare_run("predict")
 
 
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return "💡 Tip:" not in record.getMessage()
+
+
+def _not_the_cpu_kernels_notice(record: logging.LogRecord) -> bool:
+    return "kernels-community" not in record.getMessage()
+
+
 def quiet_known_warnings() -> None:
     """Silence warnings and notices this framework already handles, so real ones stand out."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -252,9 +258,9 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within Python.*")
     warnings.filterwarnings("ignore", message=".*`past_key_values` is deprecated.*")  # renamed after 5.24
     for name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(lambda record: "💡 Tip:" not in record.getMessage())
+        logging.getLogger(name).addFilter(_not_a_tip)  # once: a filter already added is not added again
     # bitsandbytes on a CPU looks for an optional kernel package on every load and says so
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_cpu_kernels_notice)
 
 
 def build_cli(args: list[str], run: bool = True) -> SmarterCLI:

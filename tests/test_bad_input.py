@@ -86,6 +86,11 @@ CASES = [
     Case("temperature 0", [*PREDICT, "--model.generation.temperature", "0"], "temperature must be > 0"),
     Case("top-p 1.5", [*PREDICT, "--model.generation.top_p", "1.5"], "top_p must be in (0, 1]"),
     Case(
+        "a compiled decoder without a GPU",
+        [*PREDICT, "--model.generation.decoder", "static-compiled"],
+        "decoder=static-compiled needs a CUDA GPU",
+    ),
+    Case(
         "more new tokens than the model has positions",
         [*PREDICT, "--model.generation.max_new_tokens", "100000"],
         "beyond the model's 2048",

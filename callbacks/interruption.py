@@ -80,6 +80,9 @@ class StopOnSignal(StageCallback):
         if stage == "train":
             path = checkpoint_folder(trainer) / f"interrupted-step{trainer.global_step}.ckpt"
             trainer.save_checkpoint(path)
+            # what Lightning does right after these hooks, so this last step's metrics reach the loggers
+            trainer._logger_connector.on_batch_end()
+            trainer._logger_connector.update_train_step_metrics()
             raise RunInterrupted(
                 f"{name} received: stopped after step {trainer.global_step}; checkpoint written to {path}. "
                 f"Resume with the same command and --ckpt_path {path}",

@@ -139,10 +139,15 @@ def plain_lora(source: str, quantized: bool, steps: int, warmup: int) -> dict:
     }
 
 
-def smarter_run(kind: str, config: str, source: str, steps: int, warmup: int, extra: list[str]) -> dict:
-    # extra may add config files ("-c configs/distributed/ddp.yaml") and options
-    """``smarter fit`` / ``validate`` through the framework's own CLI objects, timed by its throughput callback."""
-    from callbacks import ThroughputMemoryCallback
+def smarter_run(
+    kind: str, config: str, source: str, steps: int, warmup: int, extra: list[str], trace_dir: Path | None = None
+) -> dict:
+    """``smarter fit`` / ``validate`` through the framework's own CLI objects, timed by its throughput callback.
+
+    ``extra`` may add config files (``-c configs/distributed/ddp.yaml``, ``-c configs/callbacks/kernel_trace.yaml``)
+    and options; a kernel trace then writes its summary under ``trace_dir``.
+    """
+    from callbacks import KernelTraceCallback, ThroughputMemoryCallback
     from smarter.cli import build_cli, quiet_known_warnings
 
     quiet_known_warnings()
@@ -160,6 +165,9 @@ def smarter_run(kind: str, config: str, source: str, steps: int, warmup: int, ex
     else:
         args += ["--trainer.limit_val_batches", str(warmup + steps)]
     cli = build_cli(args, run=False)
+    for callback in cli.trainer.callbacks:
+        if isinstance(callback, KernelTraceCallback) and trace_dir is not None:
+            callback.output_dir = str(trace_dir)
     meter = ThroughputMemoryCallback(warmup_steps=warmup, log_every_n_steps=10_000)
     cli.trainer.callbacks.append(meter)
     start = time.perf_counter()
@@ -245,21 +253,34 @@ def qlora_export_check(source: str, steps: int) -> dict:
     checkpoint = scratch / "checkpoint.ckpt"
     cli.trainer.save_checkpoint(checkpoint)
 
+    on_gpu = torch.cuda.is_available()
+
     def val_ppl(module) -> float:
-        trainer = L.Trainer(accelerator="gpu", devices=1, logger=False, enable_progress_bar=False, limit_val_batches=8)
+        trainer = L.Trainer(
+            accelerator="gpu" if on_gpu else "cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            limit_val_batches=8,
+        )
         trainer.validate(module, datamodule=cli.datamodule, verbose=False)
         return float(trainer.callback_metrics["val/ppl"])
 
     trained_ppl = val_ppl(cli.model)
     (adapter,) = export_trained_model(cli.model.model, cli.model.spec, scratch / "export")
     base_spec = dataclasses.replace(cli.model.spec, lora=None, compile="off", activation_checkpointing="off")
-    reloaded = type(cli.model)(**{**dict(cli.model.hparams), "lora": None, "compile": "off"})
-    reloaded.model = PeftModel.from_pretrained(load_causal_lm(base_spec, "cuda"), str(adapter)).eval()
+    settings = {k: v for k, v in cli.model.hparams.items() if not k.startswith("_")}  # LightningCLI's own keys out
+    reloaded = type(cli.model)(**{**settings, "lora": None, "compile": "off"})
+    device = "cuda" if on_gpu else "cpu"
+    reloaded.model = PeftModel.from_pretrained(load_causal_lm(base_spec, device), str(adapter)).eval()
+    bare = type(cli.model)(**{**settings, "lora": None, "compile": "off"})  # the same base, no adapter
+    bare.model = load_causal_lm(base_spec, device).eval()
     return {
         "checkpoint_mb": checkpoint.stat().st_size / 1e6,
         "adapter_mb": sum(f.stat().st_size for f in adapter.iterdir()) / 1e6,
         "fine_tuned_val_ppl": trained_ppl,
         "adapter_on_nf4_base_val_ppl": val_ppl(reloaded),
+        "nf4_base_alone_val_ppl": val_ppl(bare),
         "adapter_config": json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"],
     }
 
@@ -274,7 +295,8 @@ def run_workload(name: str, args: argparse.Namespace) -> dict:
     kind, _, rest = name.partition(":")
     config, *extra = rest.split()
     if kind in ("fit", "validate"):
-        return smarter_run(kind, config, args.source, args.steps, args.warmup, extra)
+        trace_dir = Path(args.out) / ("trace-" + _file_name(name)[: -len(".json")])
+        return smarter_run(kind, config, args.source, args.steps, args.warmup, extra, trace_dir)
     if kind == "decode":
         return decode_run(config, args.source, args.new_tokens, extra)
     raise SystemExit(f"unknown workload {name!r}")
@@ -320,13 +342,20 @@ def summary_table(results: dict[str, dict]) -> str:
                 f"{min(ours) / ceiling:.0%} (compile {result['compile_s']:.0f} s) |"
             )
             continue
+        if name == "qlora-export":
+            rows.append(
+                f"| {name} | checkpoint {result['checkpoint_mb']:.1f} MB | | val ppl fine-tuned "
+                f"{result['fine_tuned_val_ppl']:.4f}, adapter on nf4 base {result['adapter_on_nf4_base_val_ppl']:.4f}, "
+                f"base alone {result['nf4_base_alone_val_ppl']:.4f} | |"
+            )
+            continue
         rate = result.get("tokens_per_s")
         peak = result.get("peak_allocated_gib")
         family = "qlora" if "qlora" in name else "bf16" if ("bf16" in name and "fit" in name) else None
         base = baselines.get(family or "", {}).get("tokens_per_s") if not name.startswith("plain") else None
         ceiling = eval_ceiling if name.startswith("validate") else train_ceiling
         rows.append(
-            f"| {name} | {rate:,.0f} | {peak if peak is None else f'{peak:.2f}'} | "
+            f"| {name} | {rate:,.0f} | {'–' if peak is None else f'{peak:.2f}'} | "
             f"{f'x{rate / base:.2f}' if base else '–'} | {rate / ceiling:.0%} |"
         )
     return "\n".join(rows)

@@ -221,12 +221,25 @@ class MistralModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=world > 1)
         return loss
 
+    def _gradients_are_sharded(self) -> bool:
+        """Under FSDP each process holds a shard of every gradient, so norms need a sum over processes."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the gradient norm of what trains, and stop the run before a non-finite one reaches the weights."""
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
-        if not grads:
+        sharded = self._gradients_are_sharded()
+        if not grads and not sharded:
             return
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        # under FSDP a process may hold no shard of any gradient; it still takes part in the sum
+        squares = torch.zeros((), device=self.device, dtype=torch.float32)
+        for grad in grads:
+            squares = squares + grad.float().square().sum()
+        if sharded:
+            squares = self.trainer.strategy.reduce(squares, reduce_op="sum")
+        norm = squares.sqrt()
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is None and not torch.isfinite(norm):  # with a grad scaler, an inf step is skipped, not fatal
             raise TrainingDiverged(
@@ -235,6 +248,20 @@ class MistralModule(L.LightningModule):
                 "or set trainer.gradient_clip_val, then resume from the last checkpoint."
             )
         self.log("train/grad_norm", norm, batch_size=1)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip as configured; by norm under FSDP, with FSDP's own clipping over every process's shards
+        (Lightning's FSDP precision plugin refuses to clip by norm)."""
+        by_norm = gradient_clip_algorithm in (None, "norm")
+        if gradient_clip_val and by_norm and self._gradients_are_sharded():
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _evaluate(self, batch: dict[str, torch.Tensor], metric: TokenNLLMetric) -> None:
         nll_sum, tokens = self.token_nll(batch)

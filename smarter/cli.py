@@ -95,13 +95,36 @@ def fail(message: str) -> NoReturn:
 # ---- the LightningCLI ------------------------------------------------------------------------------
 
 
-def check_strategy_fits_quantization(strategy, quantization: str, quant_storage: str) -> None:
-    """Refuse a distributed strategy that cannot carry the chosen quantization (before weights load)."""
+# the dtype Lightning's FSDP precision plugin casts the whole module to before sharding ("true" precisions)
+_FSDP_CASTS_TO = {"bf16-true": "bfloat16", "16-true": "float16", "32-true": "float32", "64-true": "float64"}
+
+
+def check_strategy_fits_quantization(strategy, quantization: str, quant_storage: str, dtype: str = "bfloat16") -> None:
+    """Refuse a distributed strategy that cannot carry the chosen quantization (before weights load).
+
+    Under FSDP the precision must keep the model's dtype: Lightning's FSDP casts the whole module to a
+    "true" precision's dtype (``32-true``, the default, turns a bf16 model into float32), and a cast of
+    4-bit weights packed in floating-point containers scrambles them.
+    """
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 
     name = type(strategy).__name__
     if isinstance(strategy, FSDPStrategy) and strategy.root_device.type == "cpu":
         raise ConfigError(f"{name} runs on GPUs only; use trainer.strategy ddp on CPUs.")
+    if isinstance(strategy, FSDPStrategy):
+        precision = strategy.precision_plugin.precision
+        held = _FSDP_CASTS_TO.get(precision, dtype)
+        mixed = strategy.mixed_precision_config
+        computed = str(mixed.param_dtype).removeprefix("torch.") if mixed and mixed.param_dtype else held
+        packed = quantization not in ("none", "int8")  # 4-bit, packed in floating-point containers under FSDP
+        if held != dtype or (packed and computed != dtype):
+            wanted = {"bfloat16": "bf16-true", "float16": "16-true", "float32": "32-true"}.get(dtype, "bf16-true")
+            raise ConfigError(
+                f"{name} with trainer.precision {precision} would cast the model.dtype {dtype} weights"
+                + (" (and the 4-bit weights packed in them)" if packed else "")
+                + f" to {computed if held == dtype else held}; set trainer.precision: {wanted} "
+                "(configs/distributed/fsdp-qlora.yaml does)."
+            )
     if quantization == "none":
         return
     if isinstance(strategy, FSDPStrategy):
@@ -111,6 +134,10 @@ def check_strategy_fits_quantization(strategy, quantization: str, quant_storage:
             raise ConfigError(
                 f"{name} shards floating-point tensors only; set model.quant_storage: bfloat16 "
                 "(configs/distributed/fsdp-qlora.yaml does), or use ddp."
+            )
+        if quant_storage != dtype:
+            raise ConfigError(
+                f"{name} needs the 4-bit weights packed in the model's dtype; set model.quant_storage: {dtype}."
             )
         return
     if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
@@ -220,7 +247,7 @@ class SmarterCLI(LightningCLI):
             self.model.check_can_fit()
         spec = getattr(self.model, "spec", None)
         if spec is not None:
-            check_strategy_fits_quantization(trainer.strategy, spec.quantization, spec.quant_storage)
+            check_strategy_fits_quantization(trainer.strategy, spec.quantization, spec.quant_storage, spec.dtype)
         if subcommand != "predict" and hasattr(self.datamodule, "check_ready"):
             self.datamodule.check_ready()
         if subcommand == "predict":

@@ -125,10 +125,13 @@ def test_two_single_process_nodes_score_the_single_process_perplexity(tmp_path, 
 
 
 def test_a_strategy_that_cannot_run_is_refused_before_weights_load(tmp_path, monkeypatch, capsys):
+    from lightning.pytorch.plugins.precision import FSDPPrecision
     from lightning.pytorch.strategies import FSDPStrategy
 
     from foundation import ConfigError
     from smarter.cli import check_strategy_fits_quantization, main
+
+    bf16 = FSDPPrecision("bf16-true")
 
     class FSDPOnAGpu(FSDPStrategy):
         @property
@@ -136,10 +139,18 @@ def test_a_strategy_that_cannot_run_is_refused_before_weights_load(tmp_path, mon
             return torch.device("cuda", 0)
 
     with pytest.raises(ConfigError, match="shards floating-point tensors only; set model.quant_storage: bfloat16"):
-        check_strategy_fits_quantization(FSDPOnAGpu(), "nf4", "uint8")
+        check_strategy_fits_quantization(FSDPOnAGpu(precision_plugin=bf16), "nf4", "uint8")
     with pytest.raises(ConfigError, match="cannot shard LLM.int8 weights"):
-        check_strategy_fits_quantization(FSDPOnAGpu(), "int8", "uint8")
-    check_strategy_fits_quantization(FSDPOnAGpu(), "nf4", "bfloat16")  # the FSDP-QLoRA config: accepted
+        check_strategy_fits_quantization(FSDPOnAGpu(precision_plugin=bf16), "int8", "uint8")
+    check_strategy_fits_quantization(FSDPOnAGpu(precision_plugin=bf16), "nf4", "bfloat16")  # fsdp-qlora.yaml
+    check_strategy_fits_quantization(FSDPOnAGpu(precision_plugin=bf16), "none", "uint8")  # bf16 LoRA
+    # Lightning's default 32-true would cast the bf16 model, and the 4-bit weights packed in it, to float32
+    with pytest.raises(ConfigError, match="trainer.precision 32-true would cast the model.dtype bfloat16 weights"):
+        check_strategy_fits_quantization(FSDPOnAGpu(), "nf4", "bfloat16")
+    with pytest.raises(ConfigError, match="set trainer.precision: bf16-true"):
+        check_strategy_fits_quantization(FSDPOnAGpu(), "none", "uint8")
+    with pytest.raises(ConfigError, match="set model.quant_storage: bfloat16"):
+        check_strategy_fits_quantization(FSDPOnAGpu(precision_plugin=bf16), "nf4", "float16")
 
     monkeypatch.chdir(tmp_path)
     fsdp = str(REPO_ROOT / "configs/distributed/fsdp-qlora.yaml")

@@ -7,7 +7,10 @@ then loaded through exactly the same path as real weights (quantization included
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -53,7 +56,9 @@ def preset_weights_folder(config, seed: int, cache_dir: Path, device: torch.devi
     """Write random weights for ``config`` once and return the Hugging Face folder holding them.
 
     The folder is keyed by the full config, the seed and the device type that drew the numbers,
-    and written atomically, so an interrupted write never leaves a half folder behind.
+    and written atomically, so an interrupted write never leaves a half folder behind. Processes that
+    need the same folder at once (the ranks of a distributed run) take turns: one writes it, the
+    others wait and then read it.
 
     Args:
         config: A ``MistralConfig``.
@@ -67,17 +72,28 @@ def preset_weights_folder(config, seed: int, cache_dir: Path, device: torch.devi
     identity = f"{config.to_json_string(use_diff=False)}|seed={seed}|device={device.type}"
     key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     folder = cache_dir / "presets" / f"mistral-{key}"
-    if (folder / "config.json").is_file():
+    if (folder / "config.json").is_file():  # present only once the whole folder is in place
         return folder
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=PRESET_WEIGHTS_DTYPE)
-    try:
+    with _waiting_lock(folder.with_name(f".{folder.name}.lock")):
+        if (folder / "config.json").is_file():  # another process wrote it while this one waited
+            return folder
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(config, dtype=PRESET_WEIGHTS_DTYPE)
         with atomic_path(folder) as staging:
             model.save_pretrained(staging)
-    except OSError:  # another process finished the same folder first
-        if not (folder / "config.json").is_file():
-            raise
     return folder
+
+
+@contextlib.contextmanager
+def _waiting_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` for the block, waiting for another holder to finish."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

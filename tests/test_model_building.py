@@ -42,6 +42,37 @@ def test_preset_weights_are_deterministic_and_cached(tiny_spec_kwargs, isolated_
     assert len(list((isolated_environment / "presets").glob("mistral-*/config.json"))) >= 2
 
 
+def test_processes_needing_one_preset_take_turns_and_never_rewrite_it(tiny_spec_kwargs, isolated_environment):
+    """The ranks of a distributed run ask for the same preset at once: one writes it while the others
+    wait, and none replaces a folder another has finished (that once broke a reader mid-load)."""
+    import fcntl
+    import shutil
+    import threading
+
+    from lightning_modules.model_building import prepare_preset_weights
+
+    spec = ModelSpec(**tiny_spec_kwargs)
+    folder = prepare_preset_weights(spec)
+    shutil.rmtree(folder)
+    found = []
+    with folder.with_name(f".{folder.name}.lock").open("a") as lock:  # another process is writing it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=lambda: found.append(prepare_preset_weights(spec)))
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive() and not folder.exists()  # it waits rather than drawing its own
+        folder.mkdir()
+        (folder / "config.json").write_text("written by the other process")
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    waiter.join(timeout=60)
+    try:
+        assert found == [folder]
+        assert (folder / "config.json").read_text() == "written by the other process"  # not replaced
+    finally:  # the real weights back, for the tests after this one
+        shutil.rmtree(folder)
+        prepare_preset_weights(spec)
+
+
 def test_mistral_7b_preset_has_the_published_shape():
     config = resolve_model_config("mistral-7b")
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):

@@ -24,6 +24,15 @@ class TokenNLLMetric(Metric):
         self.add_state("tokens", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("bytes", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
+    def _apply(self, fn, exclude_state=""):
+        # Lightning's half "true" precisions call module.to(torch.bfloat16), which torchmetrics applies to
+        # the states too: the NLL sum would then round to 8 significant bits. Only its device may change.
+        this = super()._apply(fn, exclude_state)
+        if this.nll_sum.dtype != torch.float64:
+            this.nll_sum = this.nll_sum.to(torch.float64)
+            this._defaults["nll_sum"] = this._defaults["nll_sum"].to(torch.float64)
+        return this
+
     def update(self, nll_sum: torch.Tensor, tokens: torch.Tensor, scored_bytes: torch.Tensor) -> None:
         """Add one batch.
 

@@ -44,6 +44,20 @@ def test_logged_val_ppl_equals_a_direct_computation(book_path, eval_batch_size):
     assert float(trainer.callback_metrics["val/loss"]) == pytest.approx(math.log(expected_ppl), rel=1e-5)
 
 
+def test_perplexity_sums_stay_float64_under_a_half_precision():
+    """Lightning's bf16-true calls module.to(torch.bfloat16); the NLL sum must not round to bf16 (it did:
+    a 2-GPU FSDP run reported val/ppl 34048.0, a bf16 number, and one GPU 32000.0)."""
+    from lightning_modules.metrics import TokenNLLMetric
+
+    metric = TokenNLLMetric().to(torch.bfloat16)
+    for _ in range(3):
+        metric.update(torch.tensor(10.4013, dtype=torch.float32), torch.tensor(1), torch.tensor(4))
+    assert metric.nll_sum.dtype == torch.float64
+    assert float(metric.compute()["loss"]) == pytest.approx(10.4013, rel=1e-7)
+    metric.reset()
+    assert metric.nll_sum.dtype == torch.float64 and metric.tokens.dtype == torch.long
+
+
 def test_test_split_is_scored_too(book_path):
     module = MistralModule(source="tiny", dtype="float32")
     trainer = cpu_trainer(limit_test_batches=2)

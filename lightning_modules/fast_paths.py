@@ -45,6 +45,13 @@ def resolve_kernels(kernels: str, device: torch.device, compile_mode: str = "off
     return kernels
 
 
+def kernels_for_decoding(kernels: str, decoder: str) -> str:
+    """The kernels setting for a model built to decode with ``decoder`` (already resolved): ``auto`` leaves
+    Liger out of a compiled decode step, where its Triton RMSNorm does not trace and splits the CUDA graph
+    at every norm (65 graphs a token: 31-35 tok/s on an H200, against 186 without Liger)."""
+    return "off" if kernels == "auto" and decoder == "static-compiled" else kernels
+
+
 def resolve_loss(loss: str, device: torch.device) -> str:
     """``fused``, ``chunked`` or ``logits`` for this device. ``auto``: on a GPU, fused with Liger, else
     chunked; on a CPU, the plain logits (memory is not what limits a CPU run, and recomputing chunks

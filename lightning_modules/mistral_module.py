@@ -22,7 +22,14 @@ from lightning_modules.checkpoints import (
     restore_rng_state,
     setting_differences,
 )
-from lightning_modules.fast_paths import LossPath, chunked_nll_sum, fused_nll_sum, liger_available, resolve_loss
+from lightning_modules.fast_paths import (
+    LossPath,
+    chunked_nll_sum,
+    fused_nll_sum,
+    kernels_for_decoding,
+    liger_available,
+    resolve_loss,
+)
 from lightning_modules.generation import (
     GenerationSettings,
     StaticCacheDecoder,
@@ -160,6 +167,9 @@ class MistralModule(L.LightningModule):
         if self.model is not None:
             return
         device = self._trainer.strategy.root_device if self._trainer is not None else self.device
+        if self._trainer is not None and self.trainer.state.fn == "predict":
+            decoder = resolve_decoder(self.generation.decoder, device)
+            self.spec = dataclasses.replace(self.spec, kernels=kernels_for_decoding(self.spec.kernels, decoder))
         self.model = self.build_model(device)
         self.model.train()  # from_pretrained returns eval mode; Lightning's loops switch for eval
 

@@ -125,6 +125,12 @@ class FastDecoderTimings:
     generate_tokens_per_s: float
 
 
+def fast_decoder_kind(device: torch.device) -> str:
+    """The decoder ``time_fast_decoder`` measures on ``device``: on a GPU the static cache with the compiled
+    step, on a CPU the static cache uncompiled."""
+    return "static-compiled" if device.type == "cuda" else "static"
+
+
 def time_fast_decoder(
     model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int, warmup: int = 2
 ) -> FastDecoderTimings:
@@ -133,7 +139,7 @@ def time_fast_decoder(
     from lightning_modules.generation import StaticCacheDecoder
 
     device = prompt.device
-    kind = "static-compiled" if device.type == "cuda" else "static"  # on a CPU: the static cache, uncompiled
+    kind = fast_decoder_kind(device)
     settings = GenerationSettings(max_new_tokens=new_tokens, stop_at_eos=False)
     synchronize(device)
     start = time.perf_counter()

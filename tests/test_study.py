@@ -197,3 +197,17 @@ def test_an_empty_prompt_file_is_refused_before_any_variant_runs(tmp_path):
     with pytest.raises(ConfigError, match="holds no prompt"):
         run_study(StudySettings(prompts_file=str(empty), output_dir=str(tmp_path / "study")))
     assert not (tmp_path / "study").exists()
+
+
+def test_the_study_builds_each_variant_for_its_fast_decoder():
+    """One model serves evaluation and both decoders; on a GPU the compiled decode step needs it built
+    without Liger (kernels auto), on a CPU nothing changes."""
+    import torch
+
+    from lightning_modules import ModelSpec
+    from smarter.study.probe import spec_for_the_study
+
+    spec = ModelSpec(source="tiny", kernels="auto")
+    assert spec_for_the_study(spec, torch.device("cuda")).kernels == "off"
+    assert spec_for_the_study(spec, torch.device("cpu")).kernels == "auto"
+    assert spec_for_the_study(ModelSpec(source="tiny", kernels="liger"), torch.device("cuda")).kernels == "liger"

@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -83,11 +83,22 @@ def parse_variant(cli_args: list[str]):
         raise ConfigError(" | ".join(errors)[-1500:] or "the variant's configuration was rejected") from None
 
 
+def spec_for_the_study(spec, device: torch.device):
+    """The variant's model spec as the study builds it: one model serves evaluation and both decoders, so
+    under ``kernels: auto`` it is built for the fast decoder (on a GPU, without Liger: see
+    ``kernels_for_decoding``)."""
+    from lightning_modules.fast_paths import kernels_for_decoding
+    from lightning_modules.measurement import fast_decoder_kind
+
+    return replace(spec, kernels=kernels_for_decoding(spec.kernels, fast_decoder_kind(device)))
+
+
 def load_variant(result: VariantResult, cli, device: torch.device) -> None:
     """Build the variant's model on ``device`` (a preset's one-time weight write first, untimed)."""
     from lightning_modules.model_building import prepare_preset_weights
 
     module = cli.model
+    module.spec = spec_for_the_study(module.spec, device)
     prepare_preset_weights(module.spec, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

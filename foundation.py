@@ -215,7 +215,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 @contextmanager
-def held_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+def held_lock(path: str | os.PathLike, what: str, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` for the block, or refuse at once if another process holds it.
 
     The lock is the operating system's (``flock``): it goes when its process does, however it ends.
@@ -223,6 +223,7 @@ def held_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
     Args:
         path: The lock file (created if missing; it holds the owner's pid).
         what: What the lock protects, for the message.
+        wait: Wait for another holder to finish instead of refusing.
     """
     import fcntl
 
@@ -230,7 +231,7 @@ def held_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_file, "a+") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             owner = handle.read().strip() or "another process"

@@ -272,11 +272,14 @@ def qlora_export_check(source: str, steps: int) -> dict:
     (adapter,) = export_trained_model(cli.model.model, cli.model.spec, scratch / "export")
     base_spec = dataclasses.replace(cli.model.spec, lora=None, compile="off", activation_checkpointing="off")
     settings = {k: v for k, v in cli.model.hparams.items() if not k.startswith("_")}  # LightningCLI's own keys out
-    reloaded = type(cli.model)(**{**settings, "lora": None, "compile": "off"})
-    device = "cuda" if on_gpu else "cpu"
-    reloaded.model = PeftModel.from_pretrained(load_causal_lm(base_spec, device), str(adapter)).eval()
-    bare = type(cli.model)(**{**settings, "lora": None, "compile": "off"})  # the same base, no adapter
-    bare.model = load_causal_lm(base_spec, device).eval()
+
+    def on_a_fresh_nf4_base(wrap=lambda base: base):
+        module = type(cli.model)(**{**settings, "lora": None})
+        module.model = wrap(load_causal_lm(base_spec, "cuda" if on_gpu else "cpu")).eval()
+        return module
+
+    reloaded = on_a_fresh_nf4_base(lambda base: PeftModel.from_pretrained(base, str(adapter)))
+    bare = on_a_fresh_nf4_base()  # the same base, no adapter
     return {
         "checkpoint_mb": checkpoint.stat().st_size / 1e6,
         "adapter_mb": sum(f.stat().st_size for f in adapter.iterdir()) / 1e6,

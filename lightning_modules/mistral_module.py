@@ -244,9 +244,8 @@ class MistralModule(L.LightningModule):
         if not grads and not sharded:
             return
         # under FSDP a process may hold no shard of any gradient; it still takes part in the sum
-        squares = torch.zeros((), device=self.device, dtype=torch.float32)
-        for grad in grads:
-            squares = squares + grad.float().square().sum()
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+        squares = torch.stack(norms).square().sum() if norms else torch.zeros((), device=self.device)
         if sharded:
             squares = self.trainer.strategy.reduce(squares, reduce_op="sum")
         norm = squares.sqrt()

@@ -7,15 +7,12 @@ then loaded through exactly the same path as real weights (quantization included
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from foundation import atomic_path
+from foundation import atomic_path, held_lock
 
 # Mistral-7B-Instruct-v0.2: 7.24 B parameters.
 MISTRAL_7B_SHAPE: dict[str, object] = {
@@ -74,7 +71,7 @@ def preset_weights_folder(config, seed: int, cache_dir: Path, device: torch.devi
     folder = cache_dir / "presets" / f"mistral-{key}"
     if (folder / "config.json").is_file():  # present only once the whole folder is in place
         return folder
-    with _waiting_lock(folder.with_name(f".{folder.name}.lock")):
+    with held_lock(folder.with_name(f".{folder.name}.lock"), "the preset weights", wait=True):
         if (folder / "config.json").is_file():  # another process wrote it while this one waited
             return folder
         devices = [device] if device.type == "cuda" else []
@@ -85,15 +82,3 @@ def preset_weights_folder(config, seed: int, cache_dir: Path, device: torch.devi
         with atomic_path(folder) as staging:
             model.save_pretrained(staging)
     return folder
-
-
-@contextlib.contextmanager
-def _waiting_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` for the block, waiting for another holder to finish."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

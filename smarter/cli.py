@@ -118,7 +118,7 @@ def check_strategy_fits_quantization(strategy, quantization: str, quant_storage:
         computed = str(mixed.param_dtype).removeprefix("torch.") if mixed and mixed.param_dtype else held
         packed = quantization not in ("none", "int8")  # 4-bit, packed in floating-point containers under FSDP
         if held != dtype or (packed and computed != dtype):
-            wanted = {"bfloat16": "bf16-true", "float16": "16-true", "float32": "32-true"}.get(dtype, "bf16-true")
+            wanted = {cast: name for name, cast in _FSDP_CASTS_TO.items()}.get(dtype, "bf16-true")
             raise ConfigError(
                 f"{name} with trainer.precision {precision} would cast the model.dtype {dtype} weights"
                 + (" (and the 4-bit weights packed in them)" if packed else "")

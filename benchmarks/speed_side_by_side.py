@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -332,24 +333,27 @@ def summary_table(results: dict[str, dict]) -> str:
     train_ceiling = H200_MATMUL_TFLOPS * 1e12 / (4 * params)
     eval_ceiling = H200_MATMUL_TFLOPS * 1e12 / (2 * params)
     _ = resolve_model_config
-    rows = ["| workload | tokens/s | peak GiB | vs baseline | of ceiling |", "| --- | --- | --- | --- | --- |"]
+    rows = [
+        "| workload | tokens/s | wall tokens/s | peak GiB | vs baseline | of ceiling |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     baselines = {"qlora": results.get("plain-qlora", {}), "bf16": results.get("plain-lora-bf16", {})}
     for name, result in results.items():
         if "error" in result:
-            rows.append(f"| {name} | failed: {result['error'][:80]} | | | |")
+            rows.append(f"| {name} | failed: {result['error'][:80]} | | | | |")
             continue
         if name.startswith("decode:"):
             ours, hf = result["generate_tokens_per_s"], result["hf_generate_tokens_per_s"]
             ceiling = H200_COPY_TBPS * 1e12 / (result["weights_gib"] * GIB)
             rows.append(
-                f"| {name} (each prompt) | {', '.join(f'{x:.0f}' for x in ours)} | | "
+                f"| {name} (each prompt) | {', '.join(f'{x:.0f}' for x in ours)} | | | "
                 f"HF generate {', '.join(f'{x:.0f}' for x in hf)} (x{min(ours) / max(hf):.2f} worst vs best) | "
                 f"{min(ours) / ceiling:.0%} (compile {result['compile_s']:.0f} s) |"
             )
             continue
         if name == "qlora-export":
             rows.append(
-                f"| {name} | checkpoint {result['checkpoint_mb']:.1f} MB | | val ppl fine-tuned "
+                f"| {name} | checkpoint {result['checkpoint_mb']:.1f} MB | | | val ppl fine-tuned "
                 f"{result['fine_tuned_val_ppl']:.4f}, adapter on nf4 base {result['adapter_on_nf4_base_val_ppl']:.4f}, "
                 f"base alone {result['nf4_base_alone_val_ppl']:.4f} | |"
             )
@@ -359,9 +363,16 @@ def summary_table(results: dict[str, dict]) -> str:
         family = "qlora" if "qlora" in name else "bf16" if ("bf16" in name and "fit" in name) else None
         base = baselines.get(family or "", {}).get("tokens_per_s") if not name.startswith("plain") else None
         ceiling = eval_ceiling if name.startswith("validate") else train_ceiling
+        versus = f"x{rate / base:.2f}" if base else "–"
+        wall = result.get("wall_tokens_per_s")
+        one_gpu = results.get(re.sub(r"\s+-c configs/distributed/\S+", "", name), {})
+        if one_gpu is not result and "tokens_per_s" in one_gpu:  # several GPUs: the scaling over one
+            versus = f"x{rate / one_gpu['tokens_per_s']:.2f} of one GPU"
+            if wall and one_gpu.get("wall_tokens_per_s"):
+                versus += f" (wall x{wall / one_gpu['wall_tokens_per_s']:.2f})"
         rows.append(
-            f"| {name} | {rate:,.0f} | {'–' if peak is None else f'{peak:.2f}'} | "
-            f"{f'x{rate / base:.2f}' if base else '–'} | {rate / ceiling:.0%} |"
+            f"| {name} | {rate:,.0f} | {f'{wall:,.0f}' if wall else '–'} | {'–' if peak is None else f'{peak:.2f}'} | "
+            f"{versus} | {rate / ceiling:.0%} |"
         )
     return "\n".join(rows)
 

@@ -1,7 +1,9 @@
 """Throughput, MFU and memory for every stage, logged under ``perf/<stage>/...``.
 
 Each batch is timed between its start and end hooks with the GPU synchronized at both ends, so the
-time covers the whole step. Tokens are the scored ones (``labels != IGNORE_INDEX``; padding is not work
+time covers the whole step (``tokens_per_s``); ``wall_tokens_per_s`` also counts the time between
+batches (loading, logging, waiting for other processes), which is what a run sees as a whole.
+Tokens are the scored ones (``labels != IGNORE_INDEX``; padding is not work
 done), or generated tokens for predict when the module reports them. The first ``warmup_steps``
 batches of each stage are left out of the stage totals (compilation, allocator growth, caches).
 Validation inside ``fit`` is timed as stage ``val`` too; its memory figures are left out, since the
@@ -37,6 +39,8 @@ class StageCounters:
     tokens: int = 0
     samples: int = 0
     seconds: float = 0.0
+    between_s: float = 0.0  # time between consecutive timed batches of this stage, no other stage in it
+    last_end: float | None = None
     flops: float = 0.0
 
 
@@ -64,6 +68,7 @@ class ThroughputMemoryCallback(StageCallback):
         self.counters: dict[str, StageCounters] = {}
         self.summary: dict[str, dict[str, float]] = {}
         self._t0: float | None = None
+        self._start_allocated_gib = 0.0
 
     # ---- helpers -------------------------------------------------------------------------
     def _peak(self, pl_module: L.LightningModule) -> float | None:
@@ -107,22 +112,26 @@ class ThroughputMemoryCallback(StageCallback):
     # ---- stage hooks ---------------------------------------------------------------------
     def on_stage_start(self, stage: Stage, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         nested = any(other != stage for other in self.counters)  # validation inside fit
+        for outer in self.counters.values():  # the nested stage's time is not the outer one's gap
+            outer.last_end = None
         self.counters[stage] = StageCounters(
             mode=self._mode(stage, pl_module), lora_weights=self._lora_weights(pl_module), nested=nested
         )
         if pl_module.device.type == "cuda" and not nested:
             torch.cuda.reset_peak_memory_stats(pl_module.device)
+            self._start_allocated_gib = torch.cuda.memory_allocated(pl_module.device) / GIB
 
     def on_stage_end(self, stage: Stage, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         counters = self.counters.pop(stage, None)
         if counters is None:
             return
         result: dict[str, float] = {"host_rss_gib": host_rss_gib()}
-        tokens, samples, flops, seconds, steps = self._whole_run(trainer, pl_module, counters)
+        tokens, samples, flops, seconds, steps, wall = self._whole_run(trainer, pl_module, counters)
         world = max(trainer.world_size, 1)
         if seconds > 0:
             result.update(
                 tokens_per_s=tokens / seconds,  # the whole run: every process's tokens over the slowest's time
+                wall_tokens_per_s=tokens / wall,
                 tokens_per_s_per_device=tokens / seconds / world,
                 samples_per_s=samples / seconds,
                 step_time_ms=1000 * seconds / max(steps, 1),
@@ -134,6 +143,7 @@ class ThroughputMemoryCallback(StageCallback):
         if pl_module.device.type == "cuda" and not counters.nested:
             result["peak_allocated_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / GIB
             result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(pl_module.device) / GIB
+            result["allocated_at_start_gib"] = self._start_allocated_gib  # weights and state before any batch
         result["timed_steps"] = float(steps)
         result["devices"] = float(world)
         self.summary[stage] = result
@@ -141,20 +151,32 @@ class ThroughputMemoryCallback(StageCallback):
 
     @staticmethod
     def _whole_run(trainer: L.Trainer, pl_module: L.LightningModule, counters: StageCounters):
-        """(tokens, samples, FLOPs, seconds, steps) of the whole run: sums over processes, the slowest time."""
-        mine = [counters.tokens, counters.samples, counters.flops, counters.seconds, counters.steps]
+        """(tokens, samples, FLOPs, seconds, steps, wall seconds) of the whole run: sums over processes, the
+        slowest process's times."""
+        wall = counters.seconds + counters.between_s
+        mine = [counters.tokens, counters.samples, counters.flops, counters.seconds, counters.steps, wall]
         if trainer.world_size <= 1:
             return mine
         local = torch.tensor(mine, dtype=torch.float64, device=pl_module.device)
-        every = trainer.strategy.all_gather(local).reshape(trainer.world_size, len(mine))  # (processes, 5)
-        totals = every.sum(dim=0)
-        return float(totals[0]), float(totals[1]), float(totals[2]), float(every[:, 3].max()), float(every[:, 4].max())
+        every = trainer.strategy.all_gather(local).reshape(trainer.world_size, len(mine))  # (processes, 6)
+        totals, slowest = every.sum(dim=0), every.max(dim=0).values
+        return (
+            float(totals[0]),
+            float(totals[1]),
+            float(totals[2]),
+            float(slowest[3]),
+            float(slowest[4]),
+            float(slowest[5]),
+        )
 
     def on_stage_batch_start(self, stage: Stage, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
         if stage not in self.counters:
             return
         synchronize(pl_module.device)
         self._t0 = time.perf_counter()
+        counters = self.counters[stage]
+        if counters.last_end is not None:
+            counters.between_s += self._t0 - counters.last_end
 
     def on_stage_batch_end(
         self, stage: Stage, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any
@@ -171,6 +193,7 @@ class ThroughputMemoryCallback(StageCallback):
         flops = 0.0
         if config is not None and seq_len:
             flops = tokens * flops_per_token(config, seq_len, counters.mode, counters.lora_weights)
+        counters.last_end = time.perf_counter() if counters.seen >= self.warmup_steps else None
         if counters.seen <= self.warmup_steps:
             return
         counters.steps += 1

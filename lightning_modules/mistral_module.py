@@ -24,10 +24,13 @@ from lightning_modules.checkpoints import (
 )
 from lightning_modules.fast_paths import (
     LossPath,
+    adapter_autocast,
     chunked_nll_sum,
     fused_nll_sum,
+    keep_adapter_inputs_uncast,
     kernels_for_decoding,
     liger_available,
+    resolve_adapter_compute,
     resolve_loss,
 )
 from lightning_modules.generation import (
@@ -127,6 +130,7 @@ class MistralModule(L.LightningModule):
         # With adapters, checkpoints hold only what trains: the frozen base is rebuilt from spec.
         self.strict_loading = self.spec.lora is None
         self.static_decoder: StaticCacheDecoder | None = None  # set in on_predict_start
+        self.adapter_dtype: torch.dtype | None = None  # set in configure_model: None = float32 adapters
         self._resumed = False  # set by on_load_checkpoint
         self._rng_to_restore: dict[str, Any] | None = None
 
@@ -172,6 +176,10 @@ class MistralModule(L.LightningModule):
             self.spec = dataclasses.replace(self.spec, kernels=kernels_for_decoding(self.spec.kernels, decoder))
         self.model = self.build_model(device)
         self.model.train()  # from_pretrained returns eval mode; Lightning's loops switch for eval
+        if self.spec.lora is not None:
+            self.adapter_dtype = resolve_adapter_compute(self.spec.lora.compute, device, self.spec.torch_dtype)
+            if self.adapter_dtype is not None:
+                keep_adapter_inputs_uncast(self.model)
 
     def build_model(self, device: torch.device) -> torch.nn.Module:
         """The Hugging Face model for ``self.spec`` on ``device``. Override to change the model itself."""
@@ -193,23 +201,25 @@ class MistralModule(L.LightningModule):
 
     def token_nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed NLL (nats, fp32) of the scored targets of ``batch`` and their number."""
-        labels = batch["labels"]  # (batch, seq), already shifted; IGNORE_INDEX = not scored
+        with adapter_autocast(self.device, self.adapter_dtype):
+            nll_sum = self._nll_sum(batch["input_ids"], batch["labels"])
+        return nll_sum, (batch["labels"] != IGNORE_INDEX).sum()
+
+    def _nll_sum(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed NLL of ``labels`` (``(batch, seq)``, already shifted) by the configured loss path."""
         path = self._loss_path()
         if path == "logits":
-            logits = self(batch["input_ids"])  # (batch, seq, vocab)
-            nll_sum = F.cross_entropy(
+            logits = self(input_ids)  # (batch, seq, vocab)
+            return F.cross_entropy(
                 logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
             )
-        else:
-            causal_lm = self._causal_lm()
-            hidden = causal_lm.model(input_ids=batch["input_ids"], use_cache=False).last_hidden_state  # (b, s, h)
-            weight = causal_lm.lm_head.weight  # (vocab, hidden)
-            rows = hidden.flatten(0, 1)  # (b*s, h)
-            if path == "fused" and torch.is_grad_enabled():  # it computes gradients as it goes: training only
-                nll_sum = fused_nll_sum(rows, weight, labels.flatten())
-            else:
-                nll_sum = chunked_nll_sum(rows, weight, labels.flatten())
-        return nll_sum, (labels != IGNORE_INDEX).sum()
+        causal_lm = self._causal_lm()
+        hidden = causal_lm.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (b, s, h)
+        weight = causal_lm.lm_head.weight  # (vocab, hidden)
+        rows = hidden.flatten(0, 1)  # (b*s, h)
+        if path == "fused" and torch.is_grad_enabled():  # it computes gradients as it goes: training only
+            return fused_nll_sum(rows, weight, labels.flatten())
+        return chunked_nll_sum(rows, weight, labels.flatten())
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         nll_sum, tokens = self.token_nll(batch)

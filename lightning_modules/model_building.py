@@ -16,6 +16,7 @@ import torch
 
 from foundation import ConfigError, cache_folder, notify
 from lightning_modules.fast_paths import (
+    AdapterCompute,
     Checkpointing,
     Compile,
     Kernels,
@@ -45,12 +46,16 @@ class LoraSettings:
         alpha: Scaling numerator (the update is scaled by ``alpha / r``).
         dropout: Dropout on the adapter input.
         target_modules: Names (suffixes) of the linear layers that get adapters.
+        compute: The dtype adapters multiply in over a 16-bit base: ``base-dtype`` (under autocast;
+            weights, gradients and optimizer state stay float32), ``float32`` (peft's default: each
+            adapter's input copied to float32), or ``auto`` (``base-dtype`` on a GPU, else ``float32``).
     """
 
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR_PROJECTIONS))
+    compute: AdapterCompute = "auto"
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,7 @@ def check_lora_targets(config, lora: LoraSettings) -> None:
         raise ConfigError(f"model.lora.dropout must be in [0, 1), got {lora.dropout}.")
     if not lora.target_modules:
         raise ConfigError("model.lora.target_modules is empty; name at least one linear layer.")
+    _check_choice("lora.compute", lora.compute, AdapterCompute)
     names = linear_module_names(config)
     unmatched = [
         target

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -196,3 +198,35 @@ def test_throughput_counts_scored_tokens_only(tmp_path, book_path):
     total_seconds = result["step_time_ms"] * result["timed_steps"] / 1000
     assert result["tokens_per_s"] * total_seconds == pytest.approx(scored, rel=1e-6)
     assert scored < labels.numel() / 3  # stride 16 of 64: most positions are context, not work
+
+
+class _SlowBetweenBatches(L.Callback):
+    """Spends ``seconds`` before each training batch, outside the throughput callback's step window, and
+    ``validation_seconds`` before each validation batch."""
+
+    def __init__(self, seconds: float, validation_seconds: float) -> None:
+        self.seconds, self.validation_seconds = seconds, validation_seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        time.sleep(self.seconds)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        time.sleep(self.validation_seconds)
+
+
+def test_wall_throughput_counts_the_time_between_batches_but_not_warm_up_or_validation(tmp_path, book_path):
+    meter = ThroughputMemoryCallback(warmup_steps=2)
+    module = MistralModule(source="tiny", dtype="float32", lora=LoraSettings(r=4, alpha=8))
+    datamodule = TreasureIslandDataModule(block_size=64, batch_size=4)
+    slow = _SlowBetweenBatches(0.1, validation_seconds=0.3)
+    trainer = cpu_trainer(tmp_path, [slow, meter], max_steps=7, limit_val_batches=2, val_check_interval=3)
+    trainer.fit(module, datamodule=datamodule)
+    assert meter.summary["val"]["timed_steps"] == 0 and trainer.callback_metrics["val/ppl"] > 0  # it ran: 2 batches
+    result = meter.summary["train"]
+    assert result["timed_steps"] == 5
+    step_seconds = result["step_time_ms"] * 5 / 1000
+    tokens = result["tokens_per_s"] * step_seconds
+    between = tokens / result["wall_tokens_per_s"] - step_seconds
+    # timed batches 3-7; validation ran after steps 3 and 6, so the gaps before batches 4 and 7 (each
+    # holding a validation, 0.6 s asleep) are dropped whole: three 0.1 s sleeps remain, none from warm-up
+    assert 3 * 0.1 <= between < 3 * 0.1 + 0.25

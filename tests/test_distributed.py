@@ -164,3 +164,23 @@ def test_a_strategy_that_cannot_run_is_refused_before_weights_load(tmp_path, mon
     assert too_many.value.code == 2
     assert "the trainer settings cannot run here" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_fsdp_wrap_policy_keeps_frozen_and_trainable_weights_in_separate_units():
+    from callbacks.strategies import decoder_layers_and_trainable_leaves
+    from lightning_modules import LoraSettings, MistralModule
+
+    module = MistralModule(source="tiny", dtype="bfloat16", lora=LoraSettings(r=4, alpha=8))
+    module.configure_model()
+    units = [m for m in module.model.modules() if decoder_layers_and_trainable_leaves(m, False, 0)]
+    layers = module.model_config.num_hidden_layers
+    decoder_units = [m for m in units if type(m).__name__ == "MistralDecoderLayer"]
+    adapter_units = [m for m in units if m not in decoder_units]
+    assert len(decoder_units) == layers
+    assert len(adapter_units) == layers * 7 * 2  # lora_A and lora_B of seven projections
+    for unit in adapter_units:  # an adapter unit's weights all train
+        assert all(p.requires_grad for p in unit.parameters())
+    owned = {id(p) for unit in adapter_units for p in unit.parameters()}
+    for layer in decoder_units:  # what a layer's own unit keeps (its adapters split off) is all frozen
+        assert not any(p.requires_grad for p in layer.parameters() if id(p) not in owned)
+    assert all(decoder_layers_and_trainable_leaves(m, True, 0) for m in module.model.modules())

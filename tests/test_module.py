@@ -194,3 +194,56 @@ def test_the_chunked_loss_is_the_plain_sum_with_the_same_gradients():
     assert float(chunked) == pytest.approx(float(plain), rel=1e-6)
     for a, b in zip(chunked_grads, plain_grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _adapter_step(compute: str) -> tuple[MistralModule, float, dict[str, torch.dtype]]:
+    """One forward and backward of a bf16 tiny LoRA module; the dtypes its adapters' lora_A layers received."""
+    torch.manual_seed(0)
+    module = MistralModule(
+        source="tiny", dtype="bfloat16", lora=LoraSettings(r=4, alpha=8, dropout=0.0, compute=compute)
+    )
+    module.configure_model()
+    torch.manual_seed(1)
+    for name, parameter in module.model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; non-zero adapters make the comparison mean something
+            torch.nn.init.normal_(parameter, std=0.02)
+    seen: dict[str, torch.dtype] = {}
+    hooks = [  # a pre-hook that returns something replaces the input: update() returns None
+        layer.register_forward_pre_hook(lambda m, args, name=name: seen.update({name: args[0].dtype}))
+        for name, layer in module.model.named_modules()
+        if name.endswith("lora_A.default")
+    ]
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(2))
+    nll_sum, tokens = module.token_nll({"input_ids": ids, "labels": ids.roll(-1, dims=1)})
+    (nll_sum / tokens).backward()
+    for hook in hooks:
+        hook.remove()
+    return module, float(nll_sum / tokens), seen
+
+
+def test_adapters_compute_in_the_base_dtype_with_float32_weights_and_gradients():
+    float32_module, float32_loss, float32_inputs = _adapter_step("float32")
+    module, loss, inputs = _adapter_step("base-dtype")
+    assert module.adapter_dtype is torch.bfloat16 and float32_module.adapter_dtype is None
+    # peft's own way copies each adapter's input to float32; base-dtype keeps the bf16 hidden states
+    assert set(float32_inputs.values()) == {torch.float32}
+    assert set(inputs.values()) == {torch.bfloat16} and len(inputs) == len(float32_inputs) > 0
+    adapters = [(n, p) for n, p in module.model.named_parameters() if p.requires_grad]
+    assert adapters and all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for _, p in adapters)
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for _, p in adapters)
+    assert loss == pytest.approx(float32_loss, rel=1e-2)
+    reference = dict(float32_module.model.named_parameters())
+    for name, parameter in adapters:
+        cosine = torch.nn.functional.cosine_similarity(parameter.grad.flatten(), reference[name].grad.flatten(), dim=0)
+        assert cosine > 0.99, name
+
+
+def test_adapter_compute_auto_is_the_base_dtype_on_a_gpu_only():
+    from lightning_modules.fast_paths import resolve_adapter_compute
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_adapter_compute("auto", cuda, torch.bfloat16) is torch.bfloat16
+    assert resolve_adapter_compute("auto", cpu, torch.bfloat16) is None
+    assert resolve_adapter_compute("base-dtype", cpu, torch.float16) is torch.float16
+    assert resolve_adapter_compute("float32", cuda, torch.bfloat16) is None
+    assert resolve_adapter_compute("base-dtype", cuda, torch.float32) is None  # nothing to mix with

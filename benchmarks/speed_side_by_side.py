@@ -11,7 +11,8 @@ each figure with its ratio to its baseline and its fraction of the ceiling. JSON
 Workloads:
 - ``plain-qlora``: from_pretrained with BitsAndBytesConfig (nf4, bf16 compute), prepare_model_for_kbit_training
   (gradient checkpointing on), peft LoRA r16 on all seven projections, AdamW, a hand-written loop;
-- ``plain-lora-bf16``: the same on bf16 weights (gradient checkpointing on);
+- ``plain-lora-bf16``: the same on bf16 weights (gradient checkpointing on); either with ``:dropout=0``
+  for LoRA dropout 0 instead of 0.05;
 - ``fit:<config>``: ``smarter fit`` with that config (e.g. ``fit:configs/finetune/qlora-fast.yaml``);
 - ``validate:<config>``: ``smarter validate`` (every token scored: stride = block);
 - ``decode:<config>``: batch-1 greedy decode of 4 prompts, 128 new tokens each, with transformers'
@@ -86,7 +87,7 @@ def _preset_folder(source: str, device: torch.device) -> str:
     return str(folder) if folder is not None else source
 
 
-def plain_lora(source: str, quantized: bool, steps: int, warmup: int) -> dict:
+def plain_lora(source: str, quantized: bool, steps: int, warmup: int, dropout: float = 0.05) -> dict:
     """The plain way, as a notebook does it: no framework code in the timed loop."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -107,7 +108,7 @@ def plain_lora(source: str, quantized: bool, steps: int, warmup: int) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=targets))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     batches = _training_blocks(source, warmup + steps)
     if device.type == "cuda":
@@ -294,10 +295,11 @@ def qlora_export_check(source: str, steps: int) -> dict:
 def run_workload(name: str, args: argparse.Namespace) -> dict:
     if name == "qlora-export":
         return qlora_export_check(args.source, args.steps)
-    if name == "plain-qlora":
-        return plain_lora(args.source, quantized=True, steps=args.steps, warmup=args.warmup)
-    if name == "plain-lora-bf16":
-        return plain_lora(args.source, quantized=False, steps=args.steps, warmup=args.warmup)
+    if name.startswith(("plain-qlora", "plain-lora-bf16")):  # plain-qlora, or plain-qlora:dropout=0
+        base, _, option = name.partition(":")
+        dropout = float(option.removeprefix("dropout=")) if option else 0.05
+        quantized = base == "plain-qlora"
+        return plain_lora(args.source, quantized=quantized, steps=args.steps, warmup=args.warmup, dropout=dropout)
     kind, _, rest = name.partition(":")
     config, *extra = rest.split()
     if kind in ("fit", "validate"):
@@ -338,6 +340,8 @@ def summary_table(results: dict[str, dict]) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     baselines = {"qlora": results.get("plain-qlora", {}), "bf16": results.get("plain-lora-bf16", {})}
+    if "plain-qlora:dropout=0" in results:  # a like-for-like second ratio for recipes without dropout
+        baselines["qlora-no-dropout"] = results["plain-qlora:dropout=0"]
     for name, result in results.items():
         if "error" in result:
             rows.append(f"| {name} | failed: {result['error'][:80]} | | | | |")
@@ -364,6 +368,9 @@ def summary_table(results: dict[str, dict]) -> str:
         base = baselines.get(family or "", {}).get("tokens_per_s") if not name.startswith("plain") else None
         ceiling = eval_ceiling if name.startswith("validate") else train_ceiling
         versus = f"x{rate / base:.2f}" if base else "–"
+        no_dropout = baselines.get("qlora-no-dropout", {}).get("tokens_per_s")
+        if base and family == "qlora" and no_dropout:
+            versus += f" (x{rate / no_dropout:.2f} of plain without dropout)"
         wall = result.get("wall_tokens_per_s")
         one_gpu = results.get(re.sub(r"\s+-c configs/distributed/\S+", "", name), {})
         if one_gpu is not result and "tokens_per_s" in one_gpu:  # several GPUs: the scaling over one

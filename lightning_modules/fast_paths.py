@@ -9,7 +9,10 @@
 - ``activation_checkpointing``: recompute decoder layers in backward, ``every-layer`` or ``selective``
   (every ``checkpoint_every``-th layer: less memory than none, less recomputation than all).
 - ``compile``: ``torch.compile`` each decoder layer (regional compilation: one compile serves all 32
-  layers, and it composes with checkpointing and bitsandbytes 4-bit).
+  layers, and it composes with checkpointing and bitsandbytes 4-bit). ``layers-cudagraphs`` also
+  replays each compiled layer, forward and backward, as a CUDA graph (inductor's ``reduce-overhead``):
+  a 7B QLoRA step launches about 6,000 kernels and small ops (bitsandbytes' dequantization is a Python
+  call each time), and on an H200 the host falls behind the GPU; a graph is one launch.
 - ``lora.compute``: the dtype LoRA adapters multiply in. peft keeps adapter weights in float32 over a
   16-bit base and, outside autocast, copies every adapter's input to float32: seven float32 copies of
   the hidden states per layer, each kept for backward (about 20 GB of a 7B QLoRA step at 4 x 1024
@@ -34,7 +37,7 @@ from foundation import IGNORE_INDEX
 Kernels = Literal["auto", "liger", "off"]
 LossPath = Literal["auto", "fused", "chunked", "logits"]
 Checkpointing = Literal["off", "every-layer", "selective"]
-Compile = Literal["off", "layers"]
+Compile = Literal["off", "layers", "layers-cudagraphs"]
 AdapterCompute = Literal["auto", "base-dtype", "float32"]
 
 
@@ -109,21 +112,25 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return base.model.layers
 
 
-def apply_activation_checkpointing(model: torch.nn.Module, mode: str, every: int = 2) -> None:
-    """Recompute decoder layers in backward: all of them, or every ``every``-th (``selective``)."""
+def apply_activation_checkpointing(model: torch.nn.Module, mode: str, every: int = 2, keep_last: int = 0) -> None:
+    """Recompute decoder layers in backward: all of them, or every ``every``-th (``selective``); the last
+    ``keep_last`` layers keep their activations either way."""
     if mode == "off":
         return
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    if mode == "selective":
-        for index, layer in enumerate(decoder_layers(model)):
-            layer.gradient_checkpointing = index % every == 0
+    layers = decoder_layers(model)
+    for index, layer in enumerate(layers):
+        recomputed = mode == "every-layer" or index % every == 0
+        layer.gradient_checkpointing = recomputed and index < len(layers) - keep_last
 
 
-def compile_layers(model: torch.nn.Module) -> None:
-    """``torch.compile`` every decoder layer in place (the same code compiles once for all of them)."""
+def compile_layers(model: torch.nn.Module, cuda_graphs: bool = False) -> None:
+    """``torch.compile`` every decoder layer in place (the same code compiles once for all of them),
+    with ``cuda_graphs`` replayed as CUDA graphs."""
+    mode = "reduce-overhead" if cuda_graphs else None
     for layer in decoder_layers(model):
-        layer.compile(dynamic=False)
+        layer.compile(dynamic=False, mode=mode)
 
 
 def _chunk_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -86,10 +86,14 @@ class ModelSpec:
         activation_checkpointing: Recompute decoder layers in backward to save memory: ``off``,
             ``every-layer``, or ``selective`` (every ``checkpoint_every``-th layer).
         checkpoint_every: With ``selective``, checkpoint one layer in this many.
+        keep_last_layers: With ``every-layer`` or ``selective``, this many of the last decoder layers keep
+            their activations instead of recomputing them (memory traded for speed, layer by layer).
         kernels: Fused kernels: ``auto`` (Liger's RMSNorm, RoPE and SwiGLU on a CUDA GPU when
             ``liger-kernel`` is installed, unless the layers are compiled: the compiler fuses those
             itself), ``liger`` (insist), or ``off``.
-        compile: ``layers`` compiles each decoder layer with ``torch.compile`` (CUDA only; skipped on a CPU).
+        compile: ``layers`` compiles each decoder layer with ``torch.compile``; ``layers-cudagraphs`` also
+            replays each as a CUDA graph, forward and backward (less host work per step). CUDA only;
+            skipped on a CPU.
         quant_storage: The dtype 4-bit weights are packed in: ``uint8`` (bitsandbytes' default), or a
             floating-point one (``bfloat16``) so that FSDP can shard them with the rest.
         lora: LoRA adapters, or None for none (pure evaluation or full fine-tuning).
@@ -104,6 +108,7 @@ class ModelSpec:
     dtype: DType = "bfloat16"
     activation_checkpointing: Checkpointing = "off"
     checkpoint_every: int = 2
+    keep_last_layers: int = 0
     kernels: Kernels = "auto"
     compile: Compile = "off"
     quant_storage: QuantStorage = "uint8"
@@ -231,6 +236,14 @@ def validate_model_spec(spec: ModelSpec):
     _check_choice("quant_storage", spec.quant_storage, QuantStorage)
     if spec.checkpoint_every < 1:
         raise ConfigError(f"model.checkpoint_every must be >= 1, got {spec.checkpoint_every}.")
+    if spec.keep_last_layers < 0:
+        raise ConfigError(f"model.keep_last_layers must be >= 0, got {spec.keep_last_layers}.")
+    if spec.compile == "layers-cudagraphs" and spec.activation_checkpointing != "off":
+        raise ConfigError(
+            "model.compile=layers-cudagraphs cannot recompute checkpointed layers (the replayed graphs "
+            "overwrite the outputs that recomputation needs); set model.compile: layers, or "
+            "model.activation_checkpointing: off."
+        )
     if spec.kernels == "liger" and not liger_available():
         raise ConfigError(
             "model.kernels=liger needs a CUDA GPU and liger-kernel (pip install 'scaling-smarter[gpu]'); "
@@ -314,12 +327,12 @@ def load_causal_lm(spec: ModelSpec, device: torch.device | str = "cpu"):
         disable_bnb_cpu_weight_repacking(model)
     if resolve_kernels(spec.kernels, device, spec.compile) == "liger":
         apply_liger_kernels(model)
-    apply_activation_checkpointing(model, spec.activation_checkpointing, spec.checkpoint_every)
+    apply_activation_checkpointing(model, spec.activation_checkpointing, spec.checkpoint_every, spec.keep_last_layers)
     if spec.lora is not None:
         model = apply_lora(model, spec.lora)
-    if spec.compile == "layers":
+    if spec.compile != "off":
         if device.type == "cuda":
-            compile_layers(model)
+            compile_layers(model, cuda_graphs=spec.compile == "layers-cudagraphs")
         else:
-            notify("model.compile=layers is skipped on a CPU (it speeds up CUDA kernels only).")
+            notify(f"model.compile={spec.compile} is skipped on a CPU (it speeds up CUDA kernels only).")
     return model

@@ -58,6 +58,11 @@ CASES = [
     Case("a tokenizer that does not exist", [*VALIDATE, "--data.tokenizer", "{tmp}/no-tokenizer"], "No tokenizer"),
     Case("LoRA rank 0", [*FIT, "--model.lora.r", "0"], "model.lora.r must be >= 1, got 0."),
     Case("LoRA dropout 1.5", [*FIT, "--model.lora.r", "4", "--model.lora.dropout", "1.5"], "model.lora.dropout"),
+    Case(
+        "CUDA graphs with recomputed layers",
+        [*FIT, "--model.compile", "layers-cudagraphs", "--model.activation_checkpointing", "every-layer"],
+        "cannot recompute checkpointed layers",
+    ),
     Case("LoRA compute in fp8", [*FIT, "--model.lora.r", "4", "--model.lora.compute", "fp8"], "lora.compute"),
     Case("an unknown LoRA target", [*FIT, "--model.lora.target_modules", "[qkv]"], "['qkv'] match no linear layer"),
     Case("no LoRA target", [*FIT, "--model.lora.target_modules", "[]"], "target_modules is empty"),

@@ -86,9 +86,10 @@ def _fit_tiny_on_gpu(**spec) -> tuple[list[float], float]:
     return losses, float(trainer.callback_metrics["val/ppl"])
 
 
-def test_the_fast_qlora_path_computes_the_plain_paths_losses_on_gpu(book_path):
+@pytest.mark.parametrize("compiled", ["layers", "layers-cudagraphs"])
+def test_the_fast_qlora_path_computes_the_plain_paths_losses_on_gpu(compiled, book_path):
     plain, plain_ppl = _fit_tiny_on_gpu(kernels="off", loss="logits", compile="off")
-    fast, fast_ppl = _fit_tiny_on_gpu(kernels="auto", loss="auto", compile="layers")
+    fast, fast_ppl = _fit_tiny_on_gpu(kernels="auto", loss="auto", compile=compiled)
     assert len(plain) == len(fast) == 20
     for step, (a, b) in enumerate(zip(plain, fast, strict=True), start=1):
         assert b == pytest.approx(a, rel=1e-2), step

@@ -247,3 +247,53 @@ def test_adapter_compute_auto_is_the_base_dtype_on_a_gpu_only():
     assert resolve_adapter_compute("base-dtype", cpu, torch.float16) is torch.float16
     assert resolve_adapter_compute("float32", cuda, torch.bfloat16) is None
     assert resolve_adapter_compute("base-dtype", cuda, torch.float32) is None  # nothing to mix with
+
+
+class _GradNormRecorder(L.Callback):
+    """The norm of every trainable gradient before clipping, beside the one the module logged for that step."""
+
+    def __init__(self) -> None:
+        self.expected: list[float] = []
+        self.logged: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad.double().flatten() for p in pl_module.trainable_parameters() if p.grad is not None]
+        self.expected.append(float(torch.cat(grads).norm()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.logged.append(float(trainer.callback_metrics["train/grad_norm"]))
+
+
+def test_the_logged_gradient_norm_is_the_norm_before_clipping(book_path):
+    recorder = _GradNormRecorder()
+    module = MistralModule(source="tiny", dtype="float32", lora=LoraSettings(r=4, alpha=8), learning_rate=1e-2)
+    trainer = cpu_trainer(callbacks=[recorder], max_steps=3, limit_val_batches=0, gradient_clip_val=1e-3)
+    trainer.fit(module, datamodule=TreasureIslandDataModule(block_size=64, batch_size=2))
+    assert len(recorder.logged) == 3 and all(norm > 1e-3 for norm in recorder.expected)  # clipping acted
+    assert recorder.logged == pytest.approx(recorder.expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("mode", "every", "keep_last", "expected"),
+    [
+        ("every-layer", 2, 0, [True, True]),
+        ("every-layer", 2, 1, [True, False]),
+        ("selective", 2, 0, [True, False]),
+        ("selective", 1, 2, [False, False]),
+        ("off", 2, 0, [False, False]),
+    ],
+)
+def test_which_layers_recompute_their_activations(mode, every, keep_last, expected):
+    from lightning_modules.fast_paths import decoder_layers
+
+    module = MistralModule(
+        source="tiny",
+        dtype="float32",
+        activation_checkpointing=mode,
+        checkpoint_every=every,
+        keep_last_layers=keep_last,
+    )
+    module.configure_model()
+    layers = decoder_layers(module.model)
+    assert len(layers) == 2
+    assert [bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers] == expected

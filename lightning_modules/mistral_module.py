@@ -173,7 +173,10 @@ class MistralModule(L.LightningModule):
         device = self._trainer.strategy.root_device if self._trainer is not None else self.device
         if self._trainer is not None and self.trainer.state.fn == "predict":
             decoder = resolve_decoder(self.generation.decoder, device)
-            self.spec = dataclasses.replace(self.spec, kernels=kernels_for_decoding(self.spec.kernels, decoder))
+            # compiled layers are for training and evaluation shapes: decoding changes shape every token
+            # (a recompilation each time), and the static decoder compiles its whole step itself
+            kernels = kernels_for_decoding(self.spec.kernels, decoder)
+            self.spec = dataclasses.replace(self.spec, kernels=kernels, compile="off")
         self.model = self.build_model(device)
         self.model.train()  # from_pretrained returns eval mode; Lightning's loops switch for eval
         if self.spec.lora is not None:

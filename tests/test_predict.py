@@ -153,7 +153,7 @@ def test_the_static_cache_decoder_gives_the_eager_loops_greedy_tokens_on_the_tra
         assert len(set(eager)) > 3  # sampled text varies: the caches agree beyond a repeated token
 
 
-def test_a_compiled_decode_step_is_built_without_liger(monkeypatch):
+def test_a_model_built_to_decode_leaves_out_liger_and_compiled_layers(monkeypatch):
     """Liger's RMSNorm splits a compiled decode step's CUDA graph at every norm (31-35 tok/s on an H200
     against 186 without): under `kernels: auto`, a model built to decode with it leaves Liger out."""
     from types import SimpleNamespace
@@ -170,12 +170,13 @@ def test_a_compiled_decode_step_is_built_without_liger(monkeypatch):
     monkeypatch.setattr(mistral_module, "resolve_decoder", lambda decoder, device: "static-compiled")
 
     def stand_in_build(self, device):
-        built.append(self.spec.kernels)
+        built.append((self.spec.kernels, self.spec.compile))
         return torch.nn.Linear(1, 1)
 
     monkeypatch.setattr(MistralModule, "build_model", stand_in_build)
-    for fn, expected in (("predict", "off"), ("fit", "auto")):
-        module = MistralModule(source="tiny", kernels="auto")
+    # and the layers are not compiled for predict (a new shape every token), only for fit
+    for fn, expected in (("predict", ("off", "off")), ("fit", ("auto", "layers-cudagraphs"))):
+        module = MistralModule(source="tiny", kernels="auto", compile="layers-cudagraphs")
         module._trainer = SimpleNamespace(state=SimpleNamespace(fn=fn), strategy=SimpleNamespace(root_device="cpu"))
         module.configure_model()
         assert built.pop() == expected

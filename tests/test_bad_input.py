@@ -63,6 +63,7 @@ CASES = [
         [*FIT, "--model.compile", "layers-cudagraphs", "--model.activation_checkpointing", "every-layer"],
         "cannot recompute checkpointed layers",
     ),
+    Case("keep -1 layers' activations", [*FIT, "--model.keep_last_layers", "-1"], "keep_last_layers must be >= 0"),
     Case("LoRA compute in fp8", [*FIT, "--model.lora.r", "4", "--model.lora.compute", "fp8"], "lora.compute"),
     Case("an unknown LoRA target", [*FIT, "--model.lora.target_modules", "[qkv]"], "['qkv'] match no linear layer"),
     Case("no LoRA target", [*FIT, "--model.lora.target_modules", "[]"], "target_modules is empty"),

@@ -171,9 +171,16 @@ def _losses_and_ppl(**spec) -> tuple[list[float], float]:
     return recorder.losses, float(trainer.callback_metrics["val/ppl"])
 
 
-def test_the_fast_training_path_computes_the_plain_paths_losses_and_perplexity(book_path):
+@pytest.mark.parametrize(
+    "recomputation",
+    [
+        {"activation_checkpointing": "selective", "checkpoint_every": 2},
+        {"activation_checkpointing": "every-layer", "keep_last_layers": 1},
+    ],
+)
+def test_the_fast_training_path_computes_the_plain_paths_losses_and_perplexity(recomputation, book_path):
     plain_losses, plain_ppl = _losses_and_ppl(loss="logits", activation_checkpointing="off")
-    fast_losses, fast_ppl = _losses_and_ppl(loss="chunked", activation_checkpointing="selective", checkpoint_every=2)
+    fast_losses, fast_ppl = _losses_and_ppl(loss="chunked", **recomputation)
     assert len(plain_losses) == len(fast_losses) == 20
     for step, (plain, fast) in enumerate(zip(plain_losses, fast_losses, strict=True), start=1):
         assert fast == pytest.approx(plain, rel=1e-2), step

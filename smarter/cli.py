@@ -99,6 +99,18 @@ def fail(message: str) -> NoReturn:
 _FSDP_CASTS_TO = {"bf16-true": "bfloat16", "16-true": "float16", "32-true": "float32", "64-true": "float64"}
 
 
+def check_strategy_fits_compile(strategy, compile_mode: str) -> None:
+    """Refuse CUDA-graph layers under FSDP (before weights load): FSDP gathers each layer's weights before
+    its forward and frees them after, so the weights a recorded graph reads do not stay where it read them."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy) and compile_mode == "layers-cudagraphs":
+        raise ConfigError(
+            f"model.compile=layers-cudagraphs cannot run under {type(strategy).__name__}, which gathers and "
+            "frees each layer's weights around every use; set model.compile: layers or off."
+        )
+
+
 def check_strategy_fits_quantization(strategy, quantization: str, quant_storage: str, dtype: str = "bfloat16") -> None:
     """Refuse a distributed strategy that cannot carry the chosen quantization (before weights load).
 
@@ -247,6 +259,7 @@ class SmarterCLI(LightningCLI):
             self.model.check_can_fit()
         spec = getattr(self.model, "spec", None)
         if spec is not None:
+            check_strategy_fits_compile(trainer.strategy, spec.compile)
             check_strategy_fits_quantization(trainer.strategy, spec.quantization, spec.quant_storage, spec.dtype)
         if subcommand != "predict" and hasattr(self.datamodule, "check_ready"):
             self.datamodule.check_ready()

@@ -126,10 +126,10 @@ def test_two_single_process_nodes_score_the_single_process_perplexity(tmp_path, 
 
 def test_a_strategy_that_cannot_run_is_refused_before_weights_load(tmp_path, monkeypatch, capsys):
     from lightning.pytorch.plugins.precision import FSDPPrecision
-    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
     from foundation import ConfigError
-    from smarter.cli import check_strategy_fits_quantization, main
+    from smarter.cli import check_strategy_fits_compile, check_strategy_fits_quantization, main
 
     bf16 = FSDPPrecision("bf16-true")
 
@@ -151,6 +151,11 @@ def test_a_strategy_that_cannot_run_is_refused_before_weights_load(tmp_path, mon
         check_strategy_fits_quantization(FSDPOnAGpu(), "none", "uint8")
     with pytest.raises(ConfigError, match="set model.quant_storage: bfloat16"):
         check_strategy_fits_quantization(FSDPOnAGpu(precision_plugin=bf16), "nf4", "float16")
+
+    with pytest.raises(ConfigError, match="layers-cudagraphs cannot run under FSDPOnAGpu"):
+        check_strategy_fits_compile(FSDPOnAGpu(precision_plugin=bf16), "layers-cudagraphs")
+    check_strategy_fits_compile(FSDPOnAGpu(precision_plugin=bf16), "layers")
+    check_strategy_fits_compile(DDPStrategy(), "layers-cudagraphs")  # measured on 2 H200s: 1.89x
 
     monkeypatch.chdir(tmp_path)
     fsdp = str(REPO_ROOT / "configs/distributed/fsdp-qlora.yaml")

@@ -42,6 +42,7 @@ from foundation import GIB, IGNORE_INDEX, synchronize  # noqa: E402
 BATCH, BLOCK = 4, 1024
 DEFAULT_WORKLOADS = [
     "plain-qlora",
+    "plain-qlora:dropout=0",  # like for like with the presets that drop LoRA dropout
     "fit:configs/finetune/qlora.yaml",
     "fit:configs/finetune/qlora-fast.yaml",
     "fit:configs/finetune/qlora-lean.yaml",

@@ -66,11 +66,9 @@ H200_COPY_TBPS = 4.3
 def _training_blocks(source: str, steps: int) -> list[dict[str, torch.Tensor]]:
     """``steps`` batches of packed Treasure Island training blocks, the same for every workload."""
     from datamodules.treasure_island import TreasureIslandDataModule
-    from lightning_modules.model_building import ModelSpec
 
     data = TreasureIslandDataModule(block_size=BLOCK if source != "tiny" else 64, batch_size=BATCH)
-    data.model_requirements = None
-    _ = ModelSpec  # the preset's tokenizer is the Mistral v1 one, as the data module's default
+    data.model_requirements = None  # the presets' tokenizer is the Mistral v1 one, the data module's default
     data.prepare_data()
     data.setup("fit")
     rows = data.datasets["train"].tensors
@@ -330,12 +328,9 @@ def versions() -> dict:
 
 def summary_table(results: dict[str, dict]) -> str:
     """Each figure beside its baseline from the same run, with the ratio and the fraction of the ceiling."""
-    from lightning_modules.model_building import resolve_model_config
-
     params = 7.2417e9
     train_ceiling = H200_MATMUL_TFLOPS * 1e12 / (4 * params)
     eval_ceiling = H200_MATMUL_TFLOPS * 1e12 / (2 * params)
-    _ = resolve_model_config
     rows = [
         "| workload | tokens/s | wall tokens/s | peak GiB | vs baseline | of ceiling |",
         "| --- | --- | --- | --- | --- | --- |",

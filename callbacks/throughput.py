@@ -159,15 +159,8 @@ class ThroughputMemoryCallback(StageCallback):
             return mine
         local = torch.tensor(mine, dtype=torch.float64, device=pl_module.device)
         every = trainer.strategy.all_gather(local).reshape(trainer.world_size, len(mine))  # (processes, 6)
-        totals, slowest = every.sum(dim=0), every.max(dim=0).values
-        return (
-            float(totals[0]),
-            float(totals[1]),
-            float(totals[2]),
-            float(slowest[3]),
-            float(slowest[4]),
-            float(slowest[5]),
-        )
+        totals, slowest = every.sum(dim=0).tolist(), every.max(dim=0).values.tolist()
+        return [*totals[:3], *slowest[3:]]  # summed tokens, samples, FLOPs; the slowest seconds, steps, wall
 
     def on_stage_batch_start(self, stage: Stage, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
         if stage not in self.counters:

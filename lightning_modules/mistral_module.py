@@ -257,8 +257,10 @@ class MistralModule(L.LightningModule):
         if not grads and not sharded:
             return
         # under FSDP a process may hold no shard of any gradient; it still takes part in the sum
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32) if grads else ()  # one launch, not one per tensor
-        squares = torch.stack(norms).square().sum() if norms else torch.zeros((), device=self.device)
+        if grads:  # one launch for every tensor's norm
+            squares = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
+        else:
+            squares = torch.zeros((), device=self.device)
         if sharded:
             squares = self.trainer.strategy.reduce(squares, reduce_op="sum")
         norm = squares.sqrt()

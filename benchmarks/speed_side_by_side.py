@@ -189,7 +189,7 @@ def smarter_run(
 
 def decode_run(config: str, source: str, new_tokens: int, extra: list[str]) -> dict:
     """Batch-1 greedy decode of the default prompts: transformers' generate, then the framework's decoder."""
-    from lightning_modules.generation import GenerationSettings, StaticCacheDecoder, generate_timed
+    from lightning_modules.generation import GenerationSettings, StaticCacheDecoder, generate_timed, resolve_matvec
     from lightning_modules.measurement import timed_hf_generate
     from smarter.cli import HEADLESS_TRAINER_ARGS, build_cli, quiet_known_warnings
 
@@ -210,7 +210,13 @@ def decode_run(config: str, source: str, new_tokens: int, extra: list[str]) -> d
     longest = max(p.shape[1] for p in prompts) + new_tokens
     synchronize(device)
     start = time.perf_counter()
-    decoder = StaticCacheDecoder(model, max_cache_len=-(-longest // 128) * 128, compiled=decoder_kind != "dynamic")
+    matvec = resolve_matvec(cli.model.generation.matvec, decoder_kind, device)
+    decoder = StaticCacheDecoder(
+        model,
+        max_cache_len=-(-longest // 128) * 128,
+        compiled=decoder_kind != "dynamic",
+        triton_matvec=matvec == "triton",
+    )
     for _ in range(2):  # warm-up on the real shapes: the longest prompt (compiles the step)
         generate_timed(model, max(prompts, key=lambda p: p.shape[1]), settings, static_decoder=decoder)
     synchronize(device)
@@ -223,6 +229,7 @@ def decode_run(config: str, source: str, new_tokens: int, extra: list[str]) -> d
         "ttft_ms": [1000 * r.ttft_s for r in runs],
         "compile_s": compile_s,
         "decoder": decoder_kind,
+        "matvec": matvec,
         "same_greedy_tokens_as_generate": [r.new_tokens == list(h) for r, h in zip(runs, hf_tokens, strict=True)],
         "weights_gib": model.get_memory_footprint() / GIB,
     }

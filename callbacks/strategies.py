@@ -1,5 +1,10 @@
 """Distributed strategies with this framework's defaults (a trainer add-on, chosen in YAML).
 
+``MistralDDPStrategy`` is Lightning's DDP set up for adapter training: the graph is declared static
+(every adapter trains at every step, so DDP skips its per-step search for unused parameters and
+rebuilds no bucket), gradients live in DDP's buckets (no copy into them), and the all-reduce may carry
+them in bfloat16 (half the bytes; each process's float32 gradients are rounded before averaging).
+
 ``MistralFSDPStrategy`` is Lightning's FSDP set up for a Mistral with LoRA, the base quantized or not:
 each decoder layer is its own FSDP unit, and so is each trainable adapter matrix, so that a layer's
 unit holds only frozen weights and FSDP allocates no gradient for them (in a shared unit it would,
@@ -15,7 +20,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+from foundation import ConfigError
+
+GRADIENT_REDUCE_DTYPES = ("float32", "bfloat16")
 
 
 def decoder_layers_and_trainable_leaves(module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
@@ -41,7 +50,51 @@ class MistralFSDPStrategy(FSDPStrategy):
     """
 
     def __init__(self, sharding_strategy: str = "FULL_SHARD", **kwargs: Any) -> None:
-        kwargs.setdefault("auto_wrap_policy", decoder_layers_and_trainable_leaves)
-        kwargs.setdefault("use_orig_params", True)
-        kwargs.setdefault("state_dict_type", "full")
+        # LightningCLI passes every parameter of FSDPStrategy, unset ones as None: a None policy means ours
+        # (with setdefault the whole model became one unit, gathered whole and given a full gradient)
+        if kwargs.get("auto_wrap_policy") is None:
+            kwargs["auto_wrap_policy"] = decoder_layers_and_trainable_leaves
+        if kwargs.get("use_orig_params") is None:
+            kwargs["use_orig_params"] = True
+        if kwargs.get("state_dict_type") is None:
+            kwargs["state_dict_type"] = "full"
         super().__init__(sharding_strategy=sharding_strategy, **kwargs)
+
+
+class MistralDDPStrategy(DDPStrategy):
+    """Lightning's ``DDPStrategy`` for LoRA and QLoRA: a static graph, gradients as views of DDP's buckets,
+    and a chosen all-reduce dtype.
+
+    Args:
+        gradient_reduce_dtype: ``float32`` (exact: the mean of every process's gradients, as one process
+            with the whole batch would compute it up to summation order) or ``bfloat16`` (half the bytes
+            on the wire, gradients rounded to bf16 before the mean).
+        static_graph: Every trainable weight gets a gradient at every step (true of LoRA; set false for
+            a model with conditional branches).
+        gradient_as_bucket_view: Gradients are views into DDP's all-reduce buckets (saves a copy and the
+            memory of one gradient set).
+        **kwargs: Anything else ``DDPStrategy`` takes (``bucket_cap_mb``, ``timeout``, ...).
+    """
+
+    def __init__(
+        self,
+        gradient_reduce_dtype: str = "float32",
+        static_graph: bool = True,
+        gradient_as_bucket_view: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if gradient_reduce_dtype not in GRADIENT_REDUCE_DTYPES:
+            raise ConfigError(
+                f"MistralDDPStrategy: gradient_reduce_dtype must be one of {', '.join(GRADIENT_REDUCE_DTYPES)}, "
+                f"got {gradient_reduce_dtype!r}."
+            )
+        if gradient_reduce_dtype == "bfloat16":
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+            kwargs.setdefault("ddp_comm_hook", bf16_compress_hook)
+        self.gradient_reduce_dtype = gradient_reduce_dtype
+        # LightningCLI fills DistributedDataParallel's own parameters in, unset ones as None: those keep
+        # DDP's defaults, except the buffers, which a LoRA Mistral never changes (no broadcast each step)
+        kwargs = {name: value for name, value in kwargs.items() if value is not None}
+        kwargs.setdefault("broadcast_buffers", False)
+        super().__init__(static_graph=static_graph, gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)

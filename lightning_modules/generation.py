@@ -16,6 +16,7 @@ not chosen for you; ask for it by name to measure it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -25,6 +26,7 @@ import torch
 from foundation import ConfigError, synchronize
 
 Decoder = Literal["auto", "dynamic", "static", "static-compiled"]
+Matvec = Literal["auto", "library", "triton"]
 
 
 def resolve_decoder(decoder: str, device: torch.device) -> str:
@@ -34,6 +36,25 @@ def resolve_decoder(decoder: str, device: torch.device) -> str:
     if decoder == "static-compiled" and device.type != "cuda":
         raise ConfigError("model.generation.decoder=static-compiled needs a CUDA GPU; use auto, static or dynamic.")
     return decoder
+
+
+def resolve_matvec(matvec: str, decoder: str, device: torch.device) -> str:
+    """``triton`` or ``library`` for a decoder (already resolved) on ``device``: ``auto`` takes the Triton
+    matrix-vector kernels for the compiled static decoder on a GPU (lightning_modules/matvec_kernels.py)."""
+    from lightning_modules.matvec_kernels import triton_available
+
+    if matvec == "auto":
+        usable = decoder == "static-compiled" and device.type == "cuda" and triton_available()
+        return "triton" if usable else "library"
+    if matvec == "triton":
+        if device.type != "cuda" or not triton_available():
+            raise ConfigError("model.generation.matvec=triton needs a CUDA GPU and Triton; use auto or library.")
+        if decoder == "dynamic":
+            raise ConfigError(
+                "model.generation.matvec=triton runs in the static decoders' step; set model.generation.decoder "
+                "to static or static-compiled, or matvec to auto."
+            )
+    return matvec
 
 
 @dataclass
@@ -51,6 +72,9 @@ class GenerationSettings:
         warmup: Untimed generations before the first prompt (kernel selection, allocator, caches,
             and the compilation of ``static-compiled``), on the real prompts' shapes.
         decoder: ``auto``, ``dynamic``, ``static`` or ``static-compiled`` (see the module docstring).
+        matvec: The one-token step's matrix-vector products: ``library`` (bitsandbytes and torch),
+            ``triton`` (this framework's kernels, reading 4-bit weights several times faster), or
+            ``auto`` (Triton in the compiled static decoder on a GPU).
     """
 
     max_new_tokens: int = 64
@@ -61,6 +85,7 @@ class GenerationSettings:
     stop_at_eos: bool = False
     warmup: int = 1
     decoder: Decoder = "auto"
+    matvec: Matvec = "auto"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -75,6 +100,8 @@ class GenerationSettings:
             raise ConfigError(
                 f"model.generation.decoder={self.decoder!r}; choose auto, dynamic, static or static-compiled."
             )
+        if self.matvec not in ("auto", "library", "triton"):
+            raise ConfigError(f"model.generation.matvec={self.matvec!r}; choose auto, library or triton.")
 
 
 def check_generation_fits(prompt_tokens: int, max_new_tokens: int, max_positions: int, which: str = "a prompt") -> None:
@@ -123,15 +150,24 @@ class StaticCacheDecoder:
     graph are overwritten by the next replay, so each step marks a new graph step and copies what it
     keeps (the chosen token).
 
+    The prompt is read without cuDNN's attention, which plans anew for each prompt length (tens of
+    milliseconds the first time a length comes).
+
     Args:
         model: A Hugging Face causal LM (peft-wrapped or not), in eval mode.
         max_cache_len: Positions the cache holds: at least the longest prompt plus its new tokens.
         compiled: Compile the one-token step with CUDA graphs (GPU only).
+        triton_matvec: The step's matrix-vector products run in this framework's Triton kernels.
     """
 
-    def __init__(self, model: torch.nn.Module, max_cache_len: int, compiled: bool) -> None:
+    def __init__(self, model: torch.nn.Module, max_cache_len: int, compiled: bool, triton_matvec: bool = False) -> None:
         from transformers import StaticCache
 
+        if triton_matvec:
+            from lightning_modules.matvec_kernels import use_triton_matvec
+
+            use_triton_matvec(model)
+        self.triton_matvec = triton_matvec
         self.model = model
         self.max_cache_len = max_cache_len
         config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
@@ -145,18 +181,29 @@ class StaticCacheDecoder:
 
     def step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """Logits ``(1, vocab)`` after ``token`` ``(1, 1)`` at ``position`` ``(1,)``."""
-        if self._step is None:
-            return self._one_token(token, position)
-        torch.compiler.cudagraph_mark_step_begin()
-        return self._step(token, position).clone()
+        from lightning_modules.matvec_kernels import triton_matvec_routing
+
+        with triton_matvec_routing() if self.triton_matvec else contextlib.nullcontext():
+            if self._step is None:
+                return self._one_token(token, position)
+            torch.compiler.cudagraph_mark_step_begin()
+            return self._step(token, position).clone()
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Reset the cache and read the prompt ``(1, prompt_len)``; last-position logits ``(1, vocab)``."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         self.cache.reset()
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        out = self.model(
-            input_ids=input_ids, past_key_values=self.cache, cache_position=positions, use_cache=True, logits_to_keep=1
-        )
+        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        with sdpa_kernel(backends):
+            out = self.model(
+                input_ids=input_ids,
+                past_key_values=self.cache,
+                cache_position=positions,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         return out.logits[:, -1]
 
 

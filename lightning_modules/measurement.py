@@ -119,6 +119,7 @@ class FastDecoderTimings:
     """Batch-1 greedy decode with a static KV cache (compiled with CUDA graphs on a GPU)."""
 
     decoder: str
+    matvec: str  # the step's matrix-vector products: "triton" kernels or the "library" ones
     compile_s: float  # building the cache and the warm-up runs that compile the step
     ttft_ms: float
     decode_tokens_per_s: float
@@ -136,15 +137,16 @@ def time_fast_decoder(
 ) -> FastDecoderTimings:
     """Time the framework's fast decoder on ``prompt`` ``(1, prompt_len)``: warm-up (and compilation) on this
     very prompt, timed separately, then ``repeats`` timed runs (medians)."""
-    from lightning_modules.generation import StaticCacheDecoder
+    from lightning_modules.generation import StaticCacheDecoder, resolve_matvec
 
     device = prompt.device
     kind = fast_decoder_kind(device)
+    triton_matvec = resolve_matvec("auto", kind, device) == "triton"
     settings = GenerationSettings(max_new_tokens=new_tokens, stop_at_eos=False)
     synchronize(device)
     start = time.perf_counter()
     cache_len = -(-(prompt.shape[1] + new_tokens) // 128) * 128
-    decoder = StaticCacheDecoder(model, cache_len, compiled=kind == "static-compiled")
+    decoder = StaticCacheDecoder(model, cache_len, compiled=kind == "static-compiled", triton_matvec=triton_matvec)
     for _ in range(warmup):
         generate_timed(model, prompt, settings, static_decoder=decoder)
     synchronize(device)
@@ -153,6 +155,7 @@ def time_fast_decoder(
     latency_s = statistics.median(r.total_s for r in runs)
     return FastDecoderTimings(
         decoder=kind,
+        matvec="triton" if triton_matvec else "library",
         compile_s=compile_s,
         ttft_ms=1000 * statistics.median(r.ttft_s for r in runs),
         decode_tokens_per_s=statistics.median(r.decode_tokens_per_s for r in runs),

@@ -39,6 +39,7 @@ from lightning_modules.generation import (
     check_generation_fits,
     generate_timed,
     resolve_decoder,
+    resolve_matvec,
 )
 from lightning_modules.metrics import TokenNLLMetric
 from lightning_modules.model_building import (
@@ -336,7 +337,10 @@ class MistralModule(L.LightningModule):
         if kind != "dynamic":
             cache_len = -(-(longest.shape[1] + self.generation.max_new_tokens) // 128) * 128
             cache_len = min(cache_len, self.max_positions)
-            self.static_decoder = StaticCacheDecoder(self.model, cache_len, compiled=kind == "static-compiled")
+            matvec = resolve_matvec(self.generation.matvec, kind, self.device)
+            self.static_decoder = StaticCacheDecoder(
+                self.model, cache_len, compiled=kind == "static-compiled", triton_matvec=matvec == "triton"
+            )
         for _ in range(self.generation.warmup):
             generate_timed(self.model, longest, self.generation, static_decoder=self.static_decoder)
 

@@ -25,7 +25,7 @@ from callbacks.prediction_writer import JsonlPredictionWriter
 from datamodules.treasure_island import TreasureIslandDataModule
 from foundation import ConfigError, RunStopped, check_writable_folder, find_config_error
 from lightning_modules.checkpoints import read_checkpoint, refusal_message, setting_differences
-from lightning_modules.generation import check_generation_fits, resolve_decoder
+from lightning_modules.generation import check_generation_fits, resolve_decoder, resolve_matvec
 from lightning_modules.mistral_module import MistralModule
 from smarter.config_files import expand_config_arguments, run_name
 
@@ -265,7 +265,9 @@ class SmarterCLI(LightningCLI):
             self.datamodule.check_ready()
         if subcommand == "predict":
             module, datamodule = self.model, self.datamodule
-            resolve_decoder(module.generation.decoder, trainer.strategy.root_device)  # one the device can run
+            device = trainer.strategy.root_device
+            decoder = resolve_decoder(module.generation.decoder, device)  # one the device can run
+            resolve_matvec(module.generation.matvec, decoder, device)
             max_new = module.generation.max_new_tokens
             for index, item in enumerate(datamodule.prompt_items()):
                 check_generation_fits(len(item["input_ids"]), max_new, module.max_positions, f"prompt {index + 1}")

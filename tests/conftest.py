@@ -11,6 +11,10 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # huggingface_hub reads this once, when first imported (test modules import transformers while collected)
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Triton kernels run in Triton's interpreter where there is no GPU; it must be set before Triton's own
+# library functions are built, at its first import
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _find_book() -> Path | None:

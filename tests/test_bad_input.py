@@ -98,6 +98,27 @@ CASES = [
         "decoder=static-compiled needs a CUDA GPU",
     ),
     Case(
+        "Triton matrix-vector kernels without a GPU",
+        [*PREDICT, "--model.generation.decoder", "static", "--model.generation.matvec", "triton"],
+        "matvec=triton needs a CUDA GPU and Triton",
+    ),
+    Case(
+        "an unknown matvec",
+        [*PREDICT, "--model.generation.matvec", "cublas"],
+        "'cublas' is not one of 'auto', 'library', 'triton'",
+    ),
+    Case(
+        "an unknown DDP gradient dtype",
+        [
+            *FIT,
+            "--trainer.strategy",
+            "callbacks.strategies.MistralDDPStrategy",
+            "--trainer.strategy.gradient_reduce_dtype",
+            "fp8",
+        ],
+        "gradient_reduce_dtype must be one of float32, bfloat16, got 'fp8'",
+    ),
+    Case(
         "more new tokens than the model has positions",
         [*PREDICT, "--model.generation.max_new_tokens", "100000"],
         "beyond the model's 2048",

@@ -45,7 +45,9 @@ def test_perplexity_under_ddp_equals_single_process(tmp_path, book_path):
 def test_fit_on_two_processes_sees_each_sample_once_writes_one_checkpoint_and_exact_val_ppl(tmp_path, book_path):
     rows = tmp_path / "rows"
     rows.mkdir()
-    fit = ["fit", "-c", TINY, *QUIET, *CPU, "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    # the strategy configs/distributed/ddp.yaml picks (static graph, gradients in DDP's buckets)
+    fit = ["fit", "-c", TINY, *QUIET, *CPU, "--trainer.devices", "2"]
+    fit += ["--trainer.strategy.class_path", "callbacks.strategies.MistralDDPStrategy"]
     fit += ["--data.block_size", "256", "--data.batch_size", "4", "--trainer.max_epochs", "1"]
     fit += ["--trainer.val_check_interval", "1.0", "--trainer.log_every_n_steps", "1"]
     fit += ["--trainer.callbacks+=custom_modules.RecordTrainingRows", "--trainer.callbacks.folder", str(rows)]
@@ -189,3 +191,24 @@ def test_the_fsdp_wrap_policy_keeps_frozen_and_trainable_weights_in_separate_uni
     for layer in decoder_units:  # what a layer's own unit keeps (its adapters split off) is all frozen
         assert not any(p.requires_grad for p in layer.parameters() if id(p) not in owned)
     assert all(decoder_layers_and_trainable_leaves(m, True, 0) for m in module.model.modules())
+
+
+def test_the_fsdp_and_ddp_configs_build_strategies_with_this_frameworks_settings():
+    """Through the CLI, as a user runs them: LightningCLI passes FSDPStrategy's every parameter, unset ones as
+    None, which once dropped the wrap policy (the whole 7B became one FSDP unit: 13.9 GiB a GPU, not 6.3)."""
+    from callbacks.strategies import MistralDDPStrategy, MistralFSDPStrategy, decoder_layers_and_trainable_leaves
+    from smarter.cli import build_cli
+
+    configs = REPO_ROOT / "configs" / "distributed"
+    common = ["-c", TINY, *QUIET, "--trainer.logger=false", "--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+    fsdp = build_cli([*common[:2], "-c", str(configs / "fsdp-qlora.yaml"), *common[2:]], run=False).trainer.strategy
+    assert isinstance(fsdp, MistralFSDPStrategy)
+    assert fsdp.kwargs["auto_wrap_policy"] is decoder_layers_and_trainable_leaves
+    assert fsdp.kwargs["use_orig_params"] is True
+    ddp = build_cli([*common[:2], "-c", str(configs / "ddp.yaml"), *common[2:]], run=False).trainer.strategy
+    assert isinstance(ddp, MistralDDPStrategy)
+    settings = ddp._ddp_kwargs
+    assert settings["static_graph"] is settings["gradient_as_bucket_view"] is True
+    assert settings["broadcast_buffers"] is False and None not in settings.values()
+    assert ddp._ddp_comm_hook is None  # float32 all-reduce unless asked for bfloat16
+    assert MistralDDPStrategy(gradient_reduce_dtype="bfloat16")._ddp_comm_hook.__name__ == "bf16_compress_hook"

@@ -142,7 +142,7 @@ def measure_decode(result: VariantResult, cli, settings: StudySettings, device: 
     for key, value in asdict(timings).items():
         setattr(result, key, value)
     fast = time_fast_decoder(cli.model.model, prompt, settings.new_tokens, settings.repeats)
-    result.fast_decoder = fast.decoder
+    result.fast_decoder = fast.decoder + (" + triton matvec" if fast.matvec == "triton" else "")
     result.fast_ttft_ms = fast.ttft_ms
     result.fast_decode_tokens_per_s = fast.decode_tokens_per_s
     result.fast_generate_tokens_per_s = fast.generate_tokens_per_s

@@ -1,0 +1,180 @@
+"""Step diagnostics for GPU training runs (trainer add-ons for investigations, not for everyday runs).
+
+- ``MemorySnapshotStep``: records the CUDA allocator's history over one training batch (first process)
+  and prints what is alive at that batch's peak, grouped by allocation site (Python stack), and the
+  gradient each FSDP flat parameter holds; with ``SNAP_SAVE=1`` the raw snapshot goes to ``$OUT``;
+- ``PhaseTimer``: synchronized milliseconds per step of forward, backward, the optimizer and the time
+  between batches (first process), from the fifth batch on.
+
+    smarter fit ... --trainer.callbacks+=benchmarks.step_diagnostics.MemorySnapshotStep
+"""
+
+import collections
+import gzip
+import os
+import pickle
+import time
+
+import lightning as L
+import torch
+
+SKIP = (
+    "torch/nn/modules/module.py",
+    "torch/utils/_contextlib.py",
+    "<frozen",
+    "torch/_dynamo/eval_frame.py",
+    "torch/autograd/function.py",
+    "torch/utils/checkpoint.py",
+    "torch/_compile.py",
+    "torch/_ops.py",
+    "torch/_library",
+    "torch/_tensor.py",
+    "functools.py",
+)
+
+
+def site(frames, depth=5):
+    kept = []
+    for f in frames:
+        name = f.get("filename", "")
+        if any(s in name for s in SKIP):
+            continue
+        short = "/".join(name.split("/")[-2:])
+        kept.append(f"{short}:{f.get('line')}:{f.get('name')}")
+        if len(kept) == depth:
+            break
+    return " < ".join(kept) if kept else "<no python frame: backward/C++>"
+
+
+def analyze(snapshot, baseline, device=0, top=25):
+    events = snapshot["device_traces"][device]
+    cur, peak, peak_i = 0, 0, -1
+    sizes = {}
+    for i, e in enumerate(events):
+        a = e["action"]
+        if a == "alloc":
+            sizes[e["addr"]] = e["size"]
+            cur += e["size"]
+        elif a == "free_requested":
+            cur -= e["size"]
+            sizes.pop(e["addr"], None)
+        if cur > peak:
+            peak, peak_i = cur, i
+    live = {}
+    freed_pre = 0
+    for e in events[: peak_i + 1]:
+        a = e["action"]
+        if a == "alloc":
+            live[e["addr"]] = e
+        elif a == "free_requested" and live.pop(e["addr"], None) is None:
+            freed_pre += e["size"]
+    groups = collections.defaultdict(lambda: [0, 0])
+    for e in live.values():
+        g = groups[site(e.get("frames", []))]
+        g[0] += e["size"]
+        g[1] += 1
+    gib = 2**30
+    lines = [
+        f"[snap] baseline {baseline / gib:.2f} GiB; peak {(baseline + peak) / gib:.2f} GiB at event {peak_i}/"
+        f"{len(events)}; pre-existing freed before peak {freed_pre / gib:.2f} GiB; "
+        f"allocated in step and live at peak {sum(e['size'] for e in live.values()) / gib:.2f} GiB"
+    ]
+    for key, (size, count) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"[snap] {size / gib:7.3f} GiB {count:5d}x  {key}")
+    return "\n".join(lines)
+
+
+class MemorySnapshotStep(L.Callback):
+    """Records the allocator's history over training batch ``batch_idx`` (rank 0) and prints what is live at
+    that batch's peak, grouped by allocation site; the pickle goes to $OUT."""
+
+    def __init__(self, batch_idx: int = 1):
+        self.batch_idx = batch_idx
+        self.baseline = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.batch_idx and trainer.global_rank == 0 and torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.baseline = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.batch_idx and trainer.global_rank == 0 and torch.cuda.is_available():
+            torch.cuda.synchronize()
+            snapshot = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            print(f"[snap] max_memory_allocated in batch {peak:.2f} GiB", flush=True)
+            print(analyze(snapshot, self.baseline), flush=True)
+            out = os.environ.get("OUT") if os.environ.get("SNAP_SAVE") else None
+            if out:
+                tag = os.environ.get("SNAP_TAG", "snap")
+                with gzip.open(f"{out}/{tag}-{int(time.time())}.pickle.gz", "wb") as f:
+                    pickle.dump({"snapshot": snapshot, "baseline": self.baseline}, f)
+            self._flat_params(trainer)
+
+    @staticmethod
+    def _flat_params(trainer):
+        try:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        except ImportError:
+            return
+        total = 0
+        for m in FSDP.fsdp_modules(trainer.strategy.model):
+            handle = getattr(m, "_handle", None)
+            if handle is None:
+                continue
+            fp = handle.flat_param
+            g = fp.grad
+            size = 0 if g is None else g.numel() * g.element_size()
+            saved = getattr(fp, "_saved_grad_shard", None)
+            ssize = 0 if saved is None else saved.numel() * saved.element_size()
+            total += size + ssize
+            if size + ssize > 2**20:
+                print(
+                    f"[flat] {type(m._fsdp_wrapped_module).__name__} numel={fp.numel()} rg={fp.requires_grad} "
+                    f"grad={size} saved_shard={ssize}",
+                    flush=True,
+                )
+        print(f"[flat] total flat-param grad bytes {total / 2**30:.3f} GiB", flush=True)
+
+
+class PhaseTimer(L.Callback):
+    """Synchronized time of forward, backward, optimizer and between-batch phases (rank 0), from batch 4 on."""
+
+    def __init__(self):
+        self.t = None
+        self.sums = collections.defaultdict(float)
+        self.n = 0
+
+    def _mark(self, trainer, phase):
+        torch.cuda.synchronize()
+        now = time.perf_counter()
+        if self.t is not None and self.active:
+            self.sums[phase] += now - self.t
+        self.t = now
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.active = batch_idx >= 4
+        self.n += self.active
+        self._mark(trainer, "between")
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self._mark(trainer, "forward")
+
+    def on_after_backward(self, trainer, pl_module):
+        self._mark(trainer, "backward")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._mark(trainer, "after_backward_to_opt")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._mark(trainer, "optimizer_and_end")
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_rank == 0 and self.n:
+            print(
+                "[phase] rank0 ms/step: " + ", ".join(f"{k} {1000 * v / self.n:.1f}" for k, v in self.sums.items()),
+                flush=True,
+            )

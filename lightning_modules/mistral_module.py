@@ -134,6 +134,7 @@ class MistralModule(L.LightningModule):
         self.adapter_dtype: torch.dtype | None = None  # set in configure_model: None = float32 adapters
         self._resumed = False  # set by on_load_checkpoint
         self._rng_to_restore: dict[str, Any] | None = None
+        self._losses_finite: torch.Tensor | None = None  # on the device, until the optimizer step reads it
 
     # ---- building ------------------------------------------------------------------------
     @property
@@ -230,19 +231,22 @@ class MistralModule(L.LightningModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         if world > 1:
             # DDP averages gradients over processes: scaling by world / (every process's tokens) makes the
-            # step the mean NLL over all tokens of the global batch, however they split across processes
-            all_tokens = self.trainer.strategy.reduce(tokens.float(), reduce_op="sum")
-            loss = nll_sum * world / all_tokens.clamp_min(1)
+            # step the mean NLL over all tokens of the global batch, however they split across processes.
+            # One all-reduce carries the token count and the logged loss, queued on the device's stream
+            # (Lightning's reduce and sync_dist each add a barrier that blocks the host).
+            totals = torch.stack([tokens.float(), nll_sum.detach().float()])  # (2,)
+            torch.distributed.all_reduce(totals)
+            all_tokens = totals[0].clamp_min(1)
+            loss = nll_sum * world / all_tokens
+            logged = totals[1] / all_tokens  # the global batch's mean NLL per token
         else:
             loss = nll_sum / tokens.clamp_min(1)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"training diverged: train/loss is {loss.item()} at step {self.global_step + 1} (epoch "
-                f"{self.current_epoch}, batch {batch_idx}); no checkpoint was written from it. Lower "
-                "model.learning_rate or set trainer.gradient_clip_val, then resume from the last checkpoint."
-            )
-        # averaged over processes, the logged value is the global batch's mean NLL per token
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=world > 1)
+            logged = loss.detach()
+        # read once at the optimizer step (one host sync a step): a non-finite loss stops the run there,
+        # before the weights change and before any checkpoint of this step
+        finite = torch.isfinite(loss.detach())
+        self._losses_finite = finite if self._losses_finite is None else self._losses_finite & finite
+        self.log("train/loss", logged, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def _gradients_are_sharded(self) -> bool:
@@ -252,27 +256,39 @@ class MistralModule(L.LightningModule):
         return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Log the gradient norm of what trains, and stop the run before a non-finite one reaches the weights."""
+        """Log the gradient norm of what trains, and stop the run before a non-finite loss or gradient
+        norm reaches the weights (one host sync for both)."""
+        losses_finite, self._losses_finite = self._losses_finite, None
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
         sharded = self._gradients_are_sharded()
-        if not grads and not sharded:
-            return
-        # under FSDP a process may hold no shard of any gradient; it still takes part in the sum
-        if grads:  # one launch for every tensor's norm
-            squares = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
-        else:
-            squares = torch.zeros((), device=self.device)
-        if sharded:
-            squares = self.trainer.strategy.reduce(squares, reduce_op="sum")
-        norm = squares.sqrt()
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is None and not torch.isfinite(norm):  # with a grad scaler, an inf step is skipped, not fatal
+        norm = None
+        if grads or sharded:
+            # under FSDP a process may hold no shard of any gradient; it still takes part in the sum
+            if grads:  # one launch for every tensor's norm
+                squares = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
+            else:
+                squares = torch.zeros((), device=self.device)
+            if sharded:
+                squares = self.trainer.strategy.reduce(squares, reduce_op="sum")
+            norm = squares.sqrt()
+        checks = [torch.ones((), dtype=torch.bool, device=self.device) if losses_finite is None else losses_finite]
+        checks.append(torch.isfinite(norm) if norm is not None else checks[0])
+        loss_ok, norm_ok = torch.stack(checks).tolist()
+        step = f"at step {self.global_step + 1} (epoch {self.current_epoch})"
+        advice = "Lower model.learning_rate or set trainer.gradient_clip_val, then resume from the last checkpoint."
+        if not loss_ok:
             raise TrainingDiverged(
-                f"training diverged: the gradient norm is {norm.item()} at step {self.global_step + 1} "
-                f"(epoch {self.current_epoch}); the weights were not updated with it. Lower model.learning_rate "
-                "or set trainer.gradient_clip_val, then resume from the last checkpoint."
+                f"training diverged: train/loss is not finite {step}; the weights were not updated with it and "
+                f"no checkpoint was written from it. {advice}"
             )
-        self.log("train/grad_norm", norm, batch_size=1)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is None and not norm_ok:  # with a grad scaler, an inf step is skipped, not fatal
+            raise TrainingDiverged(
+                f"training diverged: the gradient norm is {norm.item()} {step}; the weights were not updated "
+                f"with it. {advice}"
+            )
+        if norm is not None:
+            self.log("train/grad_norm", norm, batch_size=1)
 
     def configure_gradient_clipping(
         self,

@@ -96,12 +96,14 @@ def test_the_fast_qlora_path_computes_the_plain_paths_losses_on_gpu(compiled, bo
     assert fast_ppl == pytest.approx(plain_ppl, rel=1e-3)
 
 
-def test_the_compiled_static_decoder_gives_the_eager_logits_on_gpu():
+@pytest.mark.parametrize("triton_matvec", [False, True])
+def test_the_compiled_static_decoder_gives_the_eager_logits_on_gpu(triton_matvec):
     from lightning_modules.generation import StaticCacheDecoder
 
+    torch._dynamo.reset()
     model = load_causal_lm(ModelSpec(source="tiny"), "cuda").eval()
     prompt = _ids()[:1, :20]
-    decoder = StaticCacheDecoder(model, max_cache_len=128, compiled=True)
+    decoder = StaticCacheDecoder(model, max_cache_len=128, compiled=True, triton_matvec=triton_matvec)
     with torch.inference_mode():
         logits = decoder.prefill(prompt)
         token = logits.argmax(-1, keepdim=True)

@@ -79,6 +79,12 @@ def preset_weights_folder(config, seed: int, cache_dir: Path, device: torch.devi
             torch.manual_seed(seed)
             with torch.device(device):
                 model = AutoModelForCausalLM.from_config(config, dtype=PRESET_WEIGHTS_DTYPE)
+        # transformers (5.24 at least) writes no file at all from a process of rank > 0 once
+        # torch.distributed is initialized; this folder is this process's to write (it holds the lock)
+        if hasattr(model, "should_save_on_this_rank"):
+            model.should_save_on_this_rank = lambda is_main_process: True
         with atomic_path(folder) as staging:
             model.save_pretrained(staging)
+            if not (staging / "config.json").is_file() or not any(staging.glob("*.safetensors")):
+                raise RuntimeError(f"writing the preset weights to {staging} left no weights file")
     return folder

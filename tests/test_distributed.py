@@ -76,6 +76,17 @@ def test_fit_on_two_processes_sees_each_sample_once_writes_one_checkpoint_and_ex
     (tmp_path / "check").mkdir()
     single = _val_ppl(tmp_path / "check", "--data.block_size", "256", "--ckpt_path", str(checkpoints[0]))
     assert single == pytest.approx(fit_ppl, rel=1e-6)
+    # the logged loss is the global batch's: process r took blocks r, r + 2, ... of the shuffled order, so
+    # one process with batches of 8 sees the same 8 blocks at the first step, before any update
+    (tmp_path / "one").mkdir()
+    one = ["fit", "-c", TINY, *QUIET, *CPU, "--data.block_size", "256", "--data.batch_size", "8"]
+    one += ["--trainer.max_steps", "1", "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0"]
+    result = run_smarter(*one, cwd=tmp_path / "one", timeout=600, env=_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    (one_run,) = (tmp_path / "one" / "runs" / "tiny").glob("version_*")
+    first_single = scalars(one_run)["train/loss"][0]
+    assert first_single[0] == logged["train/loss"][0][0] == 0
+    assert logged["train/loss"][0][1] == pytest.approx(first_single[1], rel=1e-5)
 
 
 def test_predict_on_two_processes_writes_every_prompt_once_in_order(tmp_path, book_path):

@@ -73,6 +73,20 @@ def test_processes_needing_one_preset_take_turns_and_never_rewrite_it(tiny_spec_
         prepare_preset_weights(spec)
 
 
+def test_a_process_of_rank_1_writes_the_preset_it_holds_the_lock_for(
+    tiny_spec_kwargs, isolated_environment, monkeypatch
+):
+    """transformers skips every file of save_pretrained on a rank other than 0 once torch.distributed is up:
+    the rank that took the lock first wrote an empty folder, and the other rank, finding no config in it,
+    drew the weights again and replaced the folder under the first one's load (a flaky 2-process fit)."""
+    from lightning_modules.model_building import prepare_preset_weights
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    folder = prepare_preset_weights(ModelSpec(**tiny_spec_kwargs, preset_seed=7))
+    assert (folder / "config.json").is_file() and list(folder.glob("*.safetensors"))
+
+
 def test_mistral_7b_preset_has_the_published_shape():
     config = resolve_model_config("mistral-7b")
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):

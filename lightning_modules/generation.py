@@ -9,9 +9,9 @@ synchronized around the timed regions. Prefill keeps only the last position's lo
   step is one graph replay instead of hundreds of kernel launches. Batch-1 decode is launch-bound,
   so this is where its speed is.
 
-``auto`` is ``dynamic``: on an H200 (torch 2.11, transformers 5.17) the compiled static step measured
-31-35 tokens/s for the 7B shape in bf16, no faster than the dynamic loop (BENCHMARKS.md), so it is
-not chosen for you; ask for it by name to measure it.
+``auto`` is ``dynamic``: the compiled step costs 40-55 s of compilation before the first token, which
+pays off only over many tokens. Asked for by name, it decoded the 7B shape at 185-196 tokens/s on an
+H200 (bf16; 193-195 nf4) against 38-48 for the dynamic loop (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ class GenerationSettings:
         warmup: Untimed generations before the first prompt (kernel selection, allocator, caches,
             and the compilation of ``static-compiled``), on the real prompts' shapes.
         decoder: ``auto``, ``dynamic``, ``static`` or ``static-compiled`` (see the module docstring).
-        matvec: The one-token step's matrix-vector products: ``library`` (bitsandbytes and torch),
-            ``triton`` (this framework's kernels, reading 4-bit weights several times faster), or
-            ``auto`` (Triton in the compiled static decoder on a GPU).
+        matvec: The one-token step's matrix-vector products with float weights: ``library`` (torch's),
+            ``triton`` (this framework's kernel, lightning_modules/matvec_kernels.py), or ``auto``
+            (Triton in the compiled static decoder on a GPU). bitsandbytes' layers keep their kernels.
     """
 
     max_new_tokens: int = 64
@@ -157,7 +157,8 @@ class StaticCacheDecoder:
         model: A Hugging Face causal LM (peft-wrapped or not), in eval mode.
         max_cache_len: Positions the cache holds: at least the longest prompt plus its new tokens.
         compiled: Compile the one-token step with CUDA graphs (GPU only).
-        triton_matvec: The step's matrix-vector products run in this framework's Triton kernels.
+        triton_matvec: The step's matrix-vector products with float weights run in this framework's
+            Triton kernel.
     """
 
     def __init__(self, model: torch.nn.Module, max_cache_len: int, compiled: bool, triton_matvec: bool = False) -> None:

@@ -6,8 +6,10 @@
   random generators).
 - ``validate`` / ``test`` / ``predict``: after the current batch; predictions already written are kept.
 
-With several processes, a signal that reaches any of them stops all of them at the same step. A second
-signal while stopping aborts at once.
+With several processes, a signal that reaches any of them stops all of them at the same step (in
+training, one step after it arrives: the processes' flags travel in an all-reduce over a CPU process
+group, started at one step's end and read at the next, so no step waits on the GPU or on a barrier for
+it). A second signal while stopping aborts at once.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 
 from callbacks.stage_hooks import StageCallback
 from foundation import RunInterrupted, Stage
@@ -40,6 +43,8 @@ class StopOnSignal(StageCallback):
         super().__init__()
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._group: Any = None  # a CPU (gloo) process group for the processes' stop flags
+        self._pending: tuple[Any, torch.Tensor] | None = None  # the all-reduce started at the last step
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.received is not None:  # asked twice: stop now
@@ -54,20 +59,51 @@ class StopOnSignal(StageCallback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.received = None
+        self._pending = None
+        if stage == "fit" and trainer.world_size > 1 and torch.distributed.is_initialized() and self._group is None:
+            self._group = torch.distributed.new_group(backend="gloo")  # every process takes this hook
         if threading.current_thread() is not threading.main_thread() or self._previous:
             return
         for signum in HANDLED_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._on_signal)
 
+    def on_stage_start(self, stage: Stage, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning puts its own SIGTERM handler in front of this one after the setup hooks. Under DDP it
+        # kills the other processes from the first one, and it broadcasts from inside the handler, which
+        # hangs the run when one process alone gets the signal. This one goes back on top for the run.
+        if self._previous and threading.current_thread() is threading.main_thread():
+            for signum in HANDLED_SIGNALS:
+                if signal.getsignal(signum) != self._on_signal:
+                    signal.signal(signum, self._on_signal)
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._pending is not None:  # every process started it: let it finish
+            self._pending[0].wait()
+            self._pending = None
         self._restore_handlers()
 
     def _stop_requested(self, trainer: L.Trainer, stage: Stage) -> bool:
         # in training every process stops together, whichever one got the signal (their batches are in
         # step); elsewhere processes may hold different numbers of batches, so each stops on its own
         if trainer.world_size > 1 and stage == "train":
-            return bool(trainer.strategy.reduce_boolean_decision(self.received is not None, all=False))
+            if self._group is None:  # no CPU group: Lightning's reduce (a barrier and a GPU sync each step)
+                return bool(trainer.strategy.reduce_boolean_decision(self.received is not None, all=False))
+            return self._agreed_stop()
         return self.received is not None
+
+    def _agreed_stop(self) -> bool:
+        """Whether any process had a signal at the previous step's end (the same answer on every process);
+        then this step's flags are sent on their way."""
+        stop = False
+        if self._pending is not None:
+            work, flags = self._pending
+            work.wait()
+            stop = bool(flags.item())
+        self._pending = None
+        if not stop:
+            flags = torch.tensor([int(self.received is not None)])
+            self._pending = (torch.distributed.all_reduce(flags, group=self._group, async_op=True), flags)
+        return stop
 
     def on_stage_batch_end(
         self, stage: Stage, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any

@@ -27,6 +27,14 @@ from foundation import ConfigError
 GRADIENT_REDUCE_DTYPES = ("float32", "bfloat16")
 
 
+def _ddp_parameters() -> set[str]:
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    return set(inspect.signature(DistributedDataParallel.__init__).parameters)
+
+
 def decoder_layers_and_trainable_leaves(module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
     """FSDP wrap policy: a unit for each Mistral decoder layer and for each module without children whose
     own weights train (the LoRA matrices), so that frozen and trainable weights never share a unit."""
@@ -96,5 +104,7 @@ class MistralDDPStrategy(DDPStrategy):
         # LightningCLI fills DistributedDataParallel's own parameters in, unset ones as None: those keep
         # DDP's defaults, except the buffers, which a LoRA Mistral never changes (no broadcast each step)
         kwargs = {name: value for name, value in kwargs.items() if value is not None}
-        kwargs.setdefault("broadcast_buffers", False)
+        # (torch 2.13 renames the per-forward part of broadcast_buffers to forward_sync_buffers)
+        buffers = "forward_sync_buffers" if "forward_sync_buffers" in _ddp_parameters() else "broadcast_buffers"
+        kwargs.setdefault(buffers, False)
         super().__init__(static_graph=static_graph, gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)

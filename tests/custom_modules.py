@@ -49,13 +49,14 @@ class SignalAtStep(L.Callback):
         step: Training step after which to send it (``global_step``).
         predict_batch: Predict batch index after which to send it.
         signum: The signal (15 is SIGTERM, 2 is SIGINT).
+        rank: Only the process of this rank gets it (-1: every process).
     """
 
-    def __init__(self, step: int = -1, predict_batch: int = -1, signum: int = 15) -> None:
-        self.step, self.predict_batch, self.signum = step, predict_batch, signum
+    def __init__(self, step: int = -1, predict_batch: int = -1, signum: int = 15, rank: int = -1) -> None:
+        self.step, self.predict_batch, self.signum, self.rank = step, predict_batch, signum, rank
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (-1, trainer.global_rank):
             os.kill(os.getpid(), self.signum)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:

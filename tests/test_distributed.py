@@ -220,6 +220,22 @@ def test_the_fsdp_and_ddp_configs_build_strategies_with_this_frameworks_settings
     assert isinstance(ddp, MistralDDPStrategy)
     settings = ddp._ddp_kwargs
     assert settings["static_graph"] is settings["gradient_as_bucket_view"] is True
-    assert settings["broadcast_buffers"] is False and None not in settings.values()
+    assert False in (settings.get("forward_sync_buffers"), settings.get("broadcast_buffers"))
+    assert None not in settings.values()
     assert ddp._ddp_comm_hook is None  # float32 all-reduce unless asked for bfloat16
     assert MistralDDPStrategy(gradient_reduce_dtype="bfloat16")._ddp_comm_hook.__name__ == "bf16_compress_hook"
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step_with_one_checkpoint(tmp_path, book_path):
+    """Only the second process gets SIGTERM after step 3; the flags travel over a CPU group, read a step
+    later, so both stop after step 4 together, and the first writes the one checkpoint."""
+    fit = ["fit", "-c", TINY, *QUIET, *CPU, "--trainer.devices", "2", "--data.block_size", "128"]
+    fit += ["--trainer.strategy.class_path", "callbacks.strategies.MistralDDPStrategy", "--trainer.max_steps", "20"]
+    fit += ["--trainer.callbacks+=custom_modules.SignalAtStep", "--trainer.callbacks.step", "3"]
+    fit += ["--trainer.callbacks.rank", "1"]
+    result = run_smarter(*fit, cwd=tmp_path, timeout=600, env=_env())
+    assert result.returncode == 128 + 15, result.stderr[-3000:]
+    run = next((tmp_path / "runs" / "tiny").glob("version_*"))
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["interrupted-step4.ckpt"]
+    assert "stopped after step 4; checkpoint written to" in result.stderr
+    assert not (run / "export").exists()

@@ -23,7 +23,7 @@ from callbacks.interruption import StopOnSignal
 from callbacks.model_export import ExportAtFitEnd
 from callbacks.prediction_writer import JsonlPredictionWriter
 from datamodules.treasure_island import TreasureIslandDataModule
-from foundation import ConfigError, RunStopped, check_writable_folder, find_config_error
+from foundation import ConfigError, RunStopped, check_writable_folder, find_config_error, is_global_zero
 from lightning_modules.checkpoints import read_checkpoint, refusal_message, setting_differences
 from lightning_modules.generation import check_generation_fits, resolve_decoder, resolve_matvec
 from lightning_modules.mistral_module import MistralModule
@@ -397,7 +397,8 @@ def main(args: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except RunStopped as stopped:
-        print(f"{PROG}: {stopped.label}: {stopped}", file=sys.stderr, flush=True)
+        if is_global_zero():  # every process of a distributed run stops with it; the first one says so
+            print(f"{PROG}: {stopped.label}: {stopped}", file=sys.stderr, flush=True)
         raise SystemExit(stopped.exit_code) from None
     except Exception as error:
         config_error = find_config_error(error)

@@ -2,7 +2,7 @@
 
 - ``MemorySnapshotStep``: records the CUDA allocator's history over one training batch (first process)
   and prints what is alive at that batch's peak, grouped by allocation site (Python stack), and the
-  gradient each FSDP flat parameter holds; with ``SNAP_SAVE=1`` the raw snapshot goes to ``$OUT``;
+  gradient each FSDP flat parameter holds; with ``save_path`` the raw snapshot is kept (gzipped pickle);
 - ``PhaseTimer``: synchronized milliseconds per step of forward, backward, the optimizer and the time
   between batches (first process), from the fifth batch on.
 
@@ -11,7 +11,6 @@
 
 import collections
 import gzip
-import os
 import pickle
 import time
 
@@ -49,15 +48,11 @@ def site(frames, depth=5):
 def analyze(snapshot, baseline, device=0, top=25):
     events = snapshot["device_traces"][device]
     cur, peak, peak_i = 0, 0, -1
-    sizes = {}
     for i, e in enumerate(events):
-        a = e["action"]
-        if a == "alloc":
-            sizes[e["addr"]] = e["size"]
+        if e["action"] == "alloc":
             cur += e["size"]
-        elif a == "free_requested":
+        elif e["action"] == "free_requested":
             cur -= e["size"]
-            sizes.pop(e["addr"], None)
         if cur > peak:
             peak, peak_i = cur, i
     live = {}
@@ -86,10 +81,11 @@ def analyze(snapshot, baseline, device=0, top=25):
 
 class MemorySnapshotStep(L.Callback):
     """Records the allocator's history over training batch ``batch_idx`` (rank 0) and prints what is live at
-    that batch's peak, grouped by allocation site; the pickle goes to $OUT."""
+    that batch's peak, grouped by allocation site; the snapshot itself goes to ``save_path`` if given."""
 
-    def __init__(self, batch_idx: int = 1):
+    def __init__(self, batch_idx: int = 1, save_path: str | None = None):
         self.batch_idx = batch_idx
+        self.save_path = save_path
         self.baseline = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -107,10 +103,8 @@ class MemorySnapshotStep(L.Callback):
             peak = torch.cuda.max_memory_allocated() / 2**30
             print(f"[snap] max_memory_allocated in batch {peak:.2f} GiB", flush=True)
             print(analyze(snapshot, self.baseline), flush=True)
-            out = os.environ.get("OUT") if os.environ.get("SNAP_SAVE") else None
-            if out:
-                tag = os.environ.get("SNAP_TAG", "snap")
-                with gzip.open(f"{out}/{tag}-{int(time.time())}.pickle.gz", "wb") as f:
+            if self.save_path:
+                with gzip.open(self.save_path, "wb") as f:
                     pickle.dump({"snapshot": snapshot, "baseline": self.baseline}, f)
             self._flat_params(trainer)
 
@@ -147,8 +141,9 @@ class PhaseTimer(L.Callback):
         self.t = None
         self.sums = collections.defaultdict(float)
         self.n = 0
+        self.active = False
 
-    def _mark(self, trainer, phase):
+    def _mark(self, phase):
         torch.cuda.synchronize()
         now = time.perf_counter()
         if self.t is not None and self.active:
@@ -158,19 +153,19 @@ class PhaseTimer(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.active = batch_idx >= 4
         self.n += self.active
-        self._mark(trainer, "between")
+        self._mark("between")
 
     def on_before_backward(self, trainer, pl_module, loss):
-        self._mark(trainer, "forward")
+        self._mark("forward")
 
     def on_after_backward(self, trainer, pl_module):
-        self._mark(trainer, "backward")
+        self._mark("backward")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self._mark(trainer, "after_backward_to_opt")
+        self._mark("after_backward_to_opt")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._mark(trainer, "optimizer_and_end")
+        self._mark("optimizer_and_end")
 
     def on_train_end(self, trainer, pl_module):
         if trainer.global_rank == 0 and self.n:

@@ -60,7 +60,7 @@ class StopOnSignal(StageCallback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.received = None
         self._pending = None
-        if stage == "fit" and trainer.world_size > 1 and torch.distributed.is_initialized() and self._group is None:
+        if stage == "fit" and trainer.world_size > 1 and self._group is None:
             self._group = torch.distributed.new_group(backend="gloo")  # every process takes this hook
         if threading.current_thread() is not threading.main_thread() or self._previous:
             return
@@ -86,8 +86,6 @@ class StopOnSignal(StageCallback):
         # in training every process stops together, whichever one got the signal (their batches are in
         # step); elsewhere processes may hold different numbers of batches, so each stops on its own
         if trainer.world_size > 1 and stage == "train":
-            if self._group is None:  # no CPU group: Lightning's reduce (a barrier and a GPU sync each step)
-                return bool(trainer.strategy.reduce_boolean_decision(self.received is not None, all=False))
             return self._agreed_stop()
         return self.received is not None
 

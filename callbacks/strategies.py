@@ -27,6 +27,12 @@ from foundation import ConfigError
 GRADIENT_REDUCE_DTYPES = ("float32", "bfloat16")
 
 
+def _set_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments actually set: LightningCLI passes every parameter a strategy (and even the torch
+    wrapper behind it) takes, unset ones as None, which would override the defaults chosen here."""
+    return {name: value for name, value in kwargs.items() if value is not None}
+
+
 def _ddp_parameters() -> set[str]:
     import inspect
 
@@ -58,14 +64,12 @@ class MistralFSDPStrategy(FSDPStrategy):
     """
 
     def __init__(self, sharding_strategy: str = "FULL_SHARD", **kwargs: Any) -> None:
-        # LightningCLI passes every parameter of FSDPStrategy, unset ones as None: a None policy means ours
-        # (with setdefault the whole model became one unit, gathered whole and given a full gradient)
-        if kwargs.get("auto_wrap_policy") is None:
-            kwargs["auto_wrap_policy"] = decoder_layers_and_trainable_leaves
-        if kwargs.get("use_orig_params") is None:
-            kwargs["use_orig_params"] = True
-        if kwargs.get("state_dict_type") is None:
-            kwargs["state_dict_type"] = "full"
+        # (an auto_wrap_policy=None from LightningCLI once made the whole model one unit, gathered whole
+        # and given a full gradient)
+        kwargs = _set_arguments(kwargs)
+        kwargs.setdefault("auto_wrap_policy", decoder_layers_and_trainable_leaves)
+        kwargs.setdefault("use_orig_params", True)
+        kwargs.setdefault("state_dict_type", "full")
         super().__init__(sharding_strategy=sharding_strategy, **kwargs)
 
 
@@ -101,10 +105,9 @@ class MistralDDPStrategy(DDPStrategy):
 
             kwargs.setdefault("ddp_comm_hook", bf16_compress_hook)
         self.gradient_reduce_dtype = gradient_reduce_dtype
-        # LightningCLI fills DistributedDataParallel's own parameters in, unset ones as None: those keep
-        # DDP's defaults, except the buffers, which a LoRA Mistral never changes (no broadcast each step)
-        kwargs = {name: value for name, value in kwargs.items() if value is not None}
+        # DDP's defaults, except the buffers, which a LoRA Mistral never changes: no broadcast each step
         # (torch 2.13 renames the per-forward part of broadcast_buffers to forward_sync_buffers)
+        kwargs = _set_arguments(kwargs)
         buffers = "forward_sync_buffers" if "forward_sync_buffers" in _ddp_parameters() else "broadcast_buffers"
         kwargs.setdefault(buffers, False)
         super().__init__(static_graph=static_graph, gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)

@@ -19,11 +19,12 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from foundation import ConfigError, synchronize
+from lightning_modules.matvec_kernels import triton_available, triton_matvec_routing, use_triton_matvec
 
 Decoder = Literal["auto", "dynamic", "static", "static-compiled"]
 Matvec = Literal["auto", "library", "triton"]
@@ -41,8 +42,6 @@ def resolve_decoder(decoder: str, device: torch.device) -> str:
 def resolve_matvec(matvec: str, decoder: str, device: torch.device) -> str:
     """``triton`` or ``library`` for a decoder (already resolved) on ``device``: ``auto`` takes the Triton
     matrix-vector kernels for the compiled static decoder on a GPU (lightning_modules/matvec_kernels.py)."""
-    from lightning_modules.matvec_kernels import triton_available
-
     if matvec == "auto":
         usable = decoder == "static-compiled" and device.type == "cuda" and triton_available()
         return "triton" if usable else "library"
@@ -96,11 +95,11 @@ class GenerationSettings:
             raise ConfigError(f"model.generation.top_p must be in (0, 1], got {self.top_p}.")
         if self.warmup < 0:
             raise ConfigError(f"model.generation.warmup must be >= 0, got {self.warmup}.")
-        if self.decoder not in ("auto", "dynamic", "static", "static-compiled"):
+        if self.decoder not in get_args(Decoder):
             raise ConfigError(
                 f"model.generation.decoder={self.decoder!r}; choose auto, dynamic, static or static-compiled."
             )
-        if self.matvec not in ("auto", "library", "triton"):
+        if self.matvec not in get_args(Matvec):
             raise ConfigError(f"model.generation.matvec={self.matvec!r}; choose auto, library or triton.")
 
 
@@ -165,8 +164,6 @@ class StaticCacheDecoder:
         from transformers import StaticCache
 
         if triton_matvec:
-            from lightning_modules.matvec_kernels import use_triton_matvec
-
             use_triton_matvec(model)
         self.triton_matvec = triton_matvec
         self.model = model
@@ -182,8 +179,6 @@ class StaticCacheDecoder:
 
     def step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """Logits ``(1, vocab)`` after ``token`` ``(1, 1)`` at ``position`` ``(1,)``."""
-        from lightning_modules.matvec_kernels import triton_matvec_routing
-
         with triton_matvec_routing() if self.triton_matvec else contextlib.nullcontext():
             if self._step is None:
                 return self._one_token(token, position)

@@ -271,8 +271,8 @@ class MistralModule(L.LightningModule):
             if sharded:
                 squares = self.trainer.strategy.reduce(squares, reduce_op="sum")
             norm = squares.sqrt()
-        checks = [torch.ones((), dtype=torch.bool, device=self.device) if losses_finite is None else losses_finite]
-        checks.append(torch.isfinite(norm) if norm is not None else checks[0])
+        fine = torch.ones((), dtype=torch.bool, device=self.device)  # for a check with nothing to look at
+        checks = [fine if losses_finite is None else losses_finite, fine if norm is None else torch.isfinite(norm)]
         loss_ok, norm_ok = torch.stack(checks).tolist()
         step = f"at step {self.global_step + 1} (epoch {self.current_epoch})"
         advice = "Lower model.learning_rate or set trainer.gradient_clip_val, then resume from the last checkpoint."

@@ -153,6 +153,33 @@ def test_the_static_cache_decoder_gives_the_eager_loops_greedy_tokens_on_the_tra
         assert len(set(eager)) > 3  # sampled text varies: the caches agree beyond a repeated token
 
 
+@pytest.mark.slow
+def test_a_prompt_padded_for_the_prefill_graph_decodes_as_the_unpadded_one():
+    """The compiled decoder reads a prompt padded to its graph's length (the GPU captures that read): the
+    padding's cache entries, after the prompt, must change neither the first token nor the ones after
+    (random weights: no trained habit hides a shifted position)."""
+    from lightning_modules.generation import StaticCacheDecoder
+
+    torch.manual_seed(0)
+    model = load_causal_lm(ModelSpec(source="tiny", dtype="float32"), torch.device("cpu")).eval()
+    decoder = StaticCacheDecoder(model, max_cache_len=96, compiled=False)
+    prompt = torch.randint(3, 1000, (1, 20), generator=torch.Generator().manual_seed(1))
+    length = prompt.shape[1]
+    bucket = -(-length // decoder.PREFILL_BUCKET) * decoder.PREFILL_BUCKET
+    assert bucket > length  # the case where padding is there at all
+    settings = GenerationSettings(max_new_tokens=12)
+    expected = generate_timed(model, prompt, settings, static_decoder=decoder).new_tokens
+
+    def padded_prefill(input_ids):
+        decoder.cache.reset()
+        padded = torch.cat([input_ids, torch.full((1, bucket - length), 7)], dim=1)
+        return decoder._padded_forward(padded, torch.arange(bucket), torch.tensor([length - 1]))
+
+    decoder.prefill = padded_prefill
+    assert generate_timed(model, prompt, settings, static_decoder=decoder).new_tokens == expected
+    assert len(set(expected)) > 3
+
+
 def test_a_model_built_to_decode_leaves_out_liger_and_compiled_layers(monkeypatch):
     """Liger's RMSNorm splits a compiled decode step's CUDA graph at every norm (31-35 tok/s on an H200
     against 186 without): under `kernels: auto`, a model built to decode with it leaves Liger out."""
@@ -180,3 +207,39 @@ def test_a_model_built_to_decode_leaves_out_liger_and_compiled_layers(monkeypatc
         module._trainer = SimpleNamespace(state=SimpleNamespace(fn=fn), strategy=SimpleNamespace(root_device="cpu"))
         module.configure_model()
         assert built.pop() == expected
+
+
+def test_grouped_decode_attention_gives_transformers_sdpa_output_without_copying_the_cache(monkeypatch):
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from lightning_modules.generation import grouped_decode_attention, grouped_sdpa_attention
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 8, 1, 16, generator=generator)
+    key, value = torch.randn(2, 1, 2, 24, 16, generator=generator)
+    mask = torch.arange(24).view(1, 1, 1, 24) <= 13  # a static cache filled up to position 13
+    module = SimpleNamespace(num_key_value_groups=4, is_causal=True, training=False)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    shapes = []
+    library_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, *args, **kwargs):
+        shapes.append((tuple(q.shape), tuple(k.shape)))
+        return library_sdpa(q, k, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    with grouped_decode_attention():
+        got, _ = grouped_sdpa_attention(module, query, key, value, mask, scaling=0.25)
+    assert got.shape == expected.shape == (1, 1, 8, 16)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert shapes == [((1, 2, 4, 16), (1, 2, 24, 16))]  # four queries per key/value head, the cache as it is
+    from lightning_modules import generation
+
+    calls = []
+    monkeypatch.setitem(generation._GROUPED, "library", lambda *args, **kwargs: calls.append(args) or ("lib", None))
+    assert grouped_sdpa_attention(module, query, key, value, mask, scaling=0.25)[0] == "lib"  # outside: transformers'
+    with grouped_decode_attention():  # two query tokens (a prompt): transformers' too
+        assert grouped_sdpa_attention(module, query.expand(1, 8, 2, 16), key, value, None)[0] == "lib"
+    assert len(calls) == 2

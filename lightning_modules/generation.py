@@ -9,9 +9,10 @@ synchronized around the timed regions. Prefill keeps only the last position's lo
   step is one graph replay instead of hundreds of kernel launches. Batch-1 decode is launch-bound,
   so this is where its speed is.
 
-``auto`` is ``dynamic``: the compiled step costs 40-55 s of compilation before the first token, which
-pays off only over many tokens. Asked for by name, it decoded the 7B shape at 185-196 tokens/s on an
-H200 (bf16; 193-195 nf4) against 38-48 for the dynamic loop (BENCHMARKS.md).
+``auto`` is ``dynamic``: the compiled step costs 30-45 s of compilation before the first token, which
+pays off only over many tokens. Asked for by name, it decoded the 7B shape at 213 tokens/s per prompt on
+an H200 (bf16; nf4 193), prompt read included, against 9-42 for transformers' ``generate``
+(BENCHMARKS.md).
 """
 
 from __future__ import annotations

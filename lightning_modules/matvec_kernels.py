@@ -2,8 +2,8 @@
 
 A decode step multiplies one vector by every weight of the model, so its speed is how fast the weights
 are read. For one row, the compiled step otherwise calls cuBLAS through inductor; the kernel here reads
-each weight row once, multiplies in float32 and sums (on an H200, a 7B bf16 decode step went from
-185 to 196 tokens/s with it, BENCHMARKS.md).
+each weight row once, multiplies in float32 and sums (on an H200 a 7B layer's seven products take
+113.8 us against cuBLAS's 134.8, BENCHMARKS.md).
 
 ``use_triton_matvec(model)`` prepares every plain ``nn.Linear`` of a model (the LoRA matrices included;
 bitsandbytes layers keep their own kernels) to take it for inputs of one row, inside
@@ -13,8 +13,8 @@ decode step calls it inside its CUDA graph. On a CPU (tests) Triton's interprete
 ``TRITON_INTERPRET=1``.
 
 bitsandbytes' 4-bit one-row kernel (``gemm_4bit_simt``) is the larger part of an NF4 step (4.1 of
-5.0 ms on the 7B: 0.85 TB/s). A first Triton NF4 kernel of this project (a nibble look-up per weight)
-was slower still (0.37 TB/s) and is not shipped.
+4.8 ms on the 7B: 0.86 TB/s). Two Triton NF4 kernels of this project with a code look-up per nibble
+were slower still (0.37 and 0.59 TB/s) and are not shipped.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -164,6 +165,7 @@ class StaticCacheDecoder:
     """
 
     PREFILL_BUCKET = 32  # prompts are padded to a multiple of this many positions for the prefill graphs
+    PREFILL_GRAPHS = 16  # at most this many prompt lengths get a graph; others are read eagerly
     # cuDNN's attention plans anew for each prompt length (tens of milliseconds the first time)
     PREFILL_ATTENTION: tuple[str, ...] | None = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
     # the step's attention: torch's choice (cuDNN on an H200: 212.7 tokens/s bf16 against 211.3 with
@@ -187,6 +189,7 @@ class StaticCacheDecoder:
         # LLM.int8's layers look for outliers with host synchronizations, which a graph cannot hold
         self.graph_prefill = compiled and not any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
         self._prefill_graphs: dict[int, _PrefillGraph] = {}
+        self._prefill_pool: Any = None
 
     def _one_token(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         with _attention_backends(self.step_attention):
@@ -209,22 +212,34 @@ class StaticCacheDecoder:
         by the replay of a CUDA graph captured for that length (the first time it comes: warm-up on the real
         prompts captures it). The padding's cache entries lie after the prompt, where each decode step
         writes its own before any query can see it, so they change nothing. Eagerly, a 7B forward costs
-        the host 22 ms (bf16) to 43 ms (nf4) of launches, which the GPU then waits for.
+        the host 22 ms (bf16) to 43 ms (nf4) of launches, which the GPU then waits for. Up to
+        ``PREFILL_GRAPHS`` lengths get a graph (sharing one memory pool); other lengths, and every prompt
+        if a capture fails, are read eagerly.
         """
         self.cache.reset()
         length = input_ids.shape[1]
         if not self.graph_prefill:
-            positions = torch.arange(length, device=input_ids.device)
-            return self._padded_forward(input_ids, positions, torch.tensor([length - 1], device=input_ids.device))
+            return self._eager_read(input_ids)
         bucket = min(-(-length // self.PREFILL_BUCKET) * self.PREFILL_BUCKET, self.max_cache_len)
         graph = self._prefill_graphs.get(bucket)
         if graph is None:
-            graph = self._prefill_graphs[bucket] = self._capture_prefill(bucket, input_ids.device)
+            if len(self._prefill_graphs) >= self.PREFILL_GRAPHS:  # a rare length: read eagerly
+                return self._eager_read(input_ids)
+            graph = self._capture_prefill(bucket, input_ids.device)
+            if graph is None:
+                return self.prefill(input_ids)  # graphs were turned off; read it eagerly
+            self._prefill_graphs[bucket] = graph
         graph.input_ids[:, :length].copy_(input_ids)
         graph.input_ids[:, length:].zero_()
         graph.last.fill_(length - 1)
         graph.graph.replay()
         return graph.logits.clone()
+
+    def _eager_read(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The prompt read eagerly, unpadded."""
+        length, device = input_ids.shape[1], input_ids.device
+        last = torch.tensor([length - 1], device=device)
+        return self._padded_forward(input_ids, torch.arange(length, device=device), last)
 
     def _padded_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """The forward over ``input_ids`` ``(1, n)`` at cache ``positions`` ``(n,)``; logits ``(1, vocab)`` of the
@@ -245,7 +260,9 @@ class StaticCacheDecoder:
             torch._foreach_copy_(counts, [(last[0] + 1).to(counts[0].dtype)] * len(counts))
         return out.logits[:, -1]
 
-    def _capture_prefill(self, bucket: int, device: torch.device) -> _PrefillGraph:
+    def _capture_prefill(self, bucket: int, device: torch.device) -> _PrefillGraph | None:
+        """Capture the read of ``bucket`` positions; ``None`` (and no more graphs) when the model's kernels
+        cannot be captured (a host synchronization inside, say): prompts are then read eagerly."""
         input_ids = torch.zeros(1, bucket, dtype=torch.long, device=device)
         positions = torch.arange(bucket, device=device)
         last = torch.zeros(1, dtype=torch.long, device=device)
@@ -254,10 +271,21 @@ class StaticCacheDecoder:
         with torch.cuda.stream(side):  # kernels chosen and workspaces allocated before the capture
             self._padded_forward(input_ids, positions, last)
         torch.cuda.current_stream(device).wait_stream(side)
+        if self._prefill_pool is None:
+            # one memory pool for every prompt length's graph: a replay's temporaries are dead when it ends,
+            # and its output is copied out at once, so graphs replayed one at a time can share it
+            self._prefill_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self._padded_forward(input_ids, positions, last)
-        self.cache.reset()
+        try:
+            with torch.cuda.graph(graph, pool=self._prefill_pool):
+                logits = self._padded_forward(input_ids, positions, last)
+        except RuntimeError as error:
+            warnings.warn(f"prompts are read without a CUDA graph: capturing the read failed ({error})", stacklevel=2)
+            self.graph_prefill = False
+            torch.cuda.synchronize(device)
+            return None
+        finally:
+            self.cache.reset()
         return _PrefillGraph(graph, input_ids, last, logits)
 
 

@@ -116,6 +116,28 @@ def test_the_compiled_static_decoder_gives_the_eager_logits_on_gpu(triton_matvec
             token = compiled.argmax(-1, keepdim=True)
 
 
+def test_prompts_of_several_lengths_read_by_graphs_give_the_eager_reads_logits_on_gpu():
+    """Each prompt length gets its own prefill graph (sharing one memory pool) up to the cap, after which
+    lengths are read eagerly; either way the read and the next step match an uncompiled decoder's."""
+    from lightning_modules.generation import StaticCacheDecoder
+
+    torch._dynamo.reset()
+    model = load_causal_lm(ModelSpec(source="tiny", dtype="float32"), "cuda").eval()
+    decoder = StaticCacheDecoder(model, max_cache_len=128, compiled=True)
+    decoder.PREFILL_GRAPHS = 2
+    eager = StaticCacheDecoder(model, max_cache_len=128, compiled=False)
+    ids = torch.randint(3, 32000, (1, 80), device="cuda")
+    with torch.inference_mode():
+        for length in (5, 40, 70, 6, 40):
+            prompt = ids[:, :length]
+            read, expected = decoder.prefill(prompt).float(), eager.prefill(prompt).float()
+            assert (read - expected).norm() / expected.norm() < 1e-3, length
+            token, position = expected.argmax(-1, keepdim=True), torch.tensor([length], device="cuda")
+            step, expected_step = decoder.step(token, position).float(), eager.step(token, position).float()
+            assert (step - expected_step).norm() / expected_step.norm() < 1e-3, length
+    assert sorted(decoder._prefill_graphs) == [32, 64]  # 70 came third: read eagerly
+
+
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 
 

@@ -73,9 +73,10 @@ class GenerationSettings:
         warmup: Untimed generations before the first prompt (kernel selection, allocator, caches,
             and the compilation of ``static-compiled``), on the real prompts' shapes.
         decoder: ``auto``, ``dynamic``, ``static`` or ``static-compiled`` (see the module docstring).
-        matvec: The one-token step's matrix-vector products with float weights: ``library`` (torch's),
-            ``triton`` (this framework's kernel, lightning_modules/matvec_kernels.py), or ``auto``
-            (Triton in the compiled static decoder on a GPU). bitsandbytes' layers keep their kernels.
+        matvec: The one-token step's matrix-vector products: ``library`` (torch's and bitsandbytes'),
+            ``triton`` (this framework's kernels, lightning_modules/matvec_kernels.py, for float weights
+            and bitsandbytes' 4-bit ones), or ``auto`` (Triton for float weights in the compiled static
+            decoder on a GPU; 4-bit layers keep bitsandbytes' kernel).
     """
 
     max_new_tokens: int = 64
@@ -162,6 +163,8 @@ class StaticCacheDecoder:
         compiled: Compile the one-token step with CUDA graphs (GPU only).
         triton_matvec: The step's matrix-vector products with float weights run in this framework's
             Triton kernel.
+        four_bit_matvec: With ``triton_matvec``, bitsandbytes' 4-bit layers (blocks of 64) too, in the
+            kernel that decodes nibbles in registers.
     """
 
     PREFILL_BUCKET = 32  # prompts are padded to a multiple of this many positions for the prefill graphs
@@ -172,11 +175,18 @@ class StaticCacheDecoder:
     # memory-efficient attention; nf4 193.9 against 191.1)
     step_attention: tuple[str, ...] | None = None
 
-    def __init__(self, model: torch.nn.Module, max_cache_len: int, compiled: bool, triton_matvec: bool = False) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        max_cache_len: int,
+        compiled: bool,
+        triton_matvec: bool = False,
+        four_bit_matvec: bool = False,
+    ) -> None:
         from transformers import StaticCache
 
         if triton_matvec:
-            use_triton_matvec(model)
+            use_triton_matvec(model, four_bit=four_bit_matvec)
         install_grouped_decode_attention()
         self.triton_matvec = triton_matvec
         self.model = model

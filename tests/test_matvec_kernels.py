@@ -79,3 +79,137 @@ def test_auto_takes_the_kernel_for_the_compiled_decoder_on_a_gpu_only():
     assert resolve_matvec("auto", "dynamic", gpu) == "library"
     assert resolve_matvec("auto", "static-compiled", cpu) == "library"
     assert resolve_matvec("library", "static-compiled", gpu) == "library"
+
+
+def _run_ptx(text: str, word: int) -> list[float]:
+    """A small interpreter for the decode assembly's instructions (integer ops, ``prmt`` with sign mode,
+    ``lop3``, 16-bit unpacking, fp16 to float32), so the very text the GPU compiles is checked here."""
+    import numpy as np
+
+    regs: dict[str, int] = {"$8": word}
+    outputs: dict[str, float] = {}
+
+    def val(token: str) -> int:
+        token = token.strip()
+        return regs[token] if token in regs else int(token, 0)
+
+    def prmt(a: int, b: int, c: int) -> int:
+        src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+        out = 0
+        for i in range(4):
+            s = (c >> (4 * i)) & 0xF
+            byte = src[s & 7]
+            if s & 8:
+                byte = 0xFF if byte & 0x80 else 0
+            out |= byte << (8 * i)
+        return out
+
+    for statement in text.replace("{", " ").replace("}", " ").split(";"):
+        statement = statement.strip()
+        if not statement or statement.startswith(".reg"):
+            continue
+        op, _, rest = statement.partition(" ")
+        if op == "mov.b32" and rest.lstrip().startswith("p0"):  # mov.b32 {p0, p1}, r
+            parts = [t.strip() for t in rest.split(",")]
+            regs["p0"], regs["p1"] = val(parts[2]) & 0xFFFF, val(parts[2]) >> 16
+            continue
+        dst, *args = [t.strip() for t in rest.split(",")]
+        a = [val(t) for t in args]
+        if op == "mov.b32":
+            regs[dst] = a[0] & 0xFFFFFFFF
+        elif op == "and.b32":
+            regs[dst] = a[0] & a[1]
+        elif op == "or.b32":
+            regs[dst] = a[0] | a[1]
+        elif op == "shr.b32":
+            regs[dst] = (a[0] & 0xFFFFFFFF) >> a[1]
+        elif op == "prmt.b32":
+            regs[dst] = prmt(a[0], a[1], a[2])
+        elif op == "lop3.b32":
+            assert a[3] == 0xD8  # (a & ~c) | (b & c)
+            regs[dst] = ((a[0] & ~a[2]) | (a[1] & a[2])) & 0xFFFFFFFF
+        elif op == "cvt.f32.f16":
+            outputs[dst] = float(np.array([a[0]], dtype=np.uint16).view(np.float16)[0])
+        else:
+            raise AssertionError(f"instruction not interpreted: {statement}")
+    return [outputs[f"${i}"] for i in range(8)]
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_the_decode_assembly_gives_each_weights_code_in_order(quant_type):
+    import numpy as np
+
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    from lightning_modules.matvec_kernels import decode_asm
+
+    _, state = bnb_functional.quantize_4bit(torch.randn(64, 64), blocksize=64, quant_type=quant_type)
+    code = state.code.float().tolist()
+    text = decode_asm(code)
+    code16 = np.asarray(code, dtype=np.float16).astype(float)
+    words = [0, 0xFFFFFFFF, 0x01234567, 0x89ABCDEF, *np.random.default_rng(0).integers(0, 2**32, 300).tolist()]
+    for word in words:
+        nibbles = [v for i in range(4) for v in ((word >> (8 * i + 4)) & 15, (word >> (8 * i)) & 15)]
+        assert _run_ptx(text, word) == [code16[v] for v in nibbles], hex(word)
+
+
+@pytest.fixture
+def four_bit_interpreted(monkeypatch):
+    from lightning_modules import matvec_kernels
+
+    launches = []
+    real = matvec_kernels._four_bit_kernel
+
+    def counted():
+        launches.append(1)
+        return real()
+
+    monkeypatch.setattr(matvec_kernels, "_four_bit_kernel", counted)
+    monkeypatch.setitem(matvec_kernels.FOUR_BIT_LAUNCH, "rows", 16)
+    return launches
+
+
+@pytest.mark.parametrize("quant_type,nested", [("nf4", False), ("nf4", True), ("fp4", False)])
+def test_the_four_bit_kernel_gives_the_dequantized_product(four_bit_interpreted, quant_type, nested):
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    from lightning_modules.matvec_kernels import _four_bit_operands
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 320, generator=generator)  # 5 blocks a row: a partial last tile
+    packed, state = bnb_functional.quantize_4bit(
+        weight, blocksize=64, quant_type=quant_type, compress_statistics=nested
+    )
+    layer = torch.nn.Module()
+    layer.weight = type("Packed", (), {"data": packed, "quant_state": state})()
+    x = torch.randn(320, generator=generator)
+    got = torch.ops.smarter.four_bit_matvec(x, **_four_bit_operands(layer))
+    want = bnb_functional.dequantize_4bit(packed, state).float() @ x
+    assert got.shape == (40,) and four_bit_interpreted == [1]
+    assert (got - want).norm() / want.norm() < 1e-3  # the codes in fp16: a few 1e-4
+
+
+def test_the_routed_nf4_decode_step_gives_bitsandbytes_logits(interpreted, four_bit_interpreted):
+    pytest.importorskip("bitsandbytes")
+    from lightning_modules import ModelSpec, load_causal_lm
+    from lightning_modules.generation import StaticCacheDecoder
+
+    spec = ModelSpec(source="tiny", dtype="bfloat16", quantization="nf4")
+    torch.manual_seed(0)
+    model = load_causal_lm(spec, torch.device("cpu")).eval()
+    prompt = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(1))
+    token, position = prompt[:, -1:], torch.tensor([12])
+
+    def step_logits(**routing) -> torch.Tensor:
+        decoder = StaticCacheDecoder(model, max_cache_len=32, compiled=False, **routing)
+        with torch.inference_mode():
+            decoder.prefill(prompt)
+            return decoder.step(token, position)
+
+    library = step_logits()
+    float_only = step_logits(triton_matvec=True)
+    assert four_bit_interpreted == []  # without four_bit_matvec the 4-bit layers keep bitsandbytes' kernel
+    routed = step_logits(triton_matvec=True, four_bit_matvec=True)
+    assert len(four_bit_interpreted) == model.config.num_hidden_layers * 7  # every projection, the prefill none
+    # bf16 activations: each product rounds to bf16 on either path (relative 4e-3 a value)
+    assert (float_only - library).norm() / library.norm() < 2e-2
+    assert (routed - library).norm() / library.norm() < 2e-2
+    assert (routed - float_only).norm() / library.norm() < 2e-2

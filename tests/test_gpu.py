@@ -138,6 +138,43 @@ def test_prompts_of_several_lengths_read_by_graphs_give_the_eager_reads_logits_o
     assert sorted(decoder._prefill_graphs) == [32, 64]  # 70 came third: read eagerly
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_the_four_bit_kernel_compiles_and_gives_the_dequantized_product_on_gpu(nested):
+    import bitsandbytes.functional as bnb_functional
+
+    from lightning_modules.matvec_kernels import _four_bit_operands
+
+    torch.manual_seed(0)
+    for n, k in ((4096, 4096), (1024, 14336), (40, 320)):
+        packed, state = bnb_functional.quantize_4bit(
+            torch.randn(n, k, device="cuda", dtype=torch.bfloat16), quant_type="nf4", compress_statistics=nested
+        )
+        layer = torch.nn.Module()
+        layer.weight = type("Packed", (), {"data": packed, "quant_state": state})()
+        x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+        got = torch.ops.smarter.four_bit_matvec(x, **_four_bit_operands(layer)).float()
+        want = bnb_functional.dequantize_4bit(packed, state).float() @ x.float()
+        assert (got - want).norm() / want.norm() < 1e-2, (n, k)
+
+
+def test_the_compiled_nf4_decoder_with_the_four_bit_kernel_gives_the_eager_logits_on_gpu():
+    from lightning_modules.generation import StaticCacheDecoder
+
+    torch._dynamo.reset()
+    model = load_causal_lm(ModelSpec(source="tiny", quantization="nf4"), "cuda").eval()
+    prompt = _ids()[:1, :20]
+    decoder = StaticCacheDecoder(model, max_cache_len=128, compiled=True, triton_matvec=True, four_bit_matvec=True)
+    with torch.inference_mode():
+        token = decoder.prefill(prompt).argmax(-1, keepdim=True)
+        for step in range(4):
+            position = torch.tensor([prompt.shape[1] + step], device="cuda")
+            compiled = decoder.step(token, position).float()
+            full = model(input_ids=torch.cat([prompt, token], dim=1)).logits[:, -1].float()
+            assert (compiled - full).norm() / full.norm() < 2e-2, step
+            prompt = torch.cat([prompt, token], dim=1)
+            token = compiled.argmax(-1, keepdim=True)
+
+
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 
 

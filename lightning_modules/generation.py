@@ -26,7 +26,13 @@ from typing import Any, Literal, get_args
 import torch
 
 from foundation import ConfigError, synchronize
-from lightning_modules.matvec_kernels import triton_available, triton_matvec_routing, use_triton_matvec
+from lightning_modules.decode_attention import decode_attention_applies
+from lightning_modules.matvec_kernels import (
+    triton_available,
+    triton_matvec_routed,
+    triton_matvec_routing,
+    use_triton_matvec,
+)
 
 Decoder = Literal["auto", "dynamic", "static", "static-compiled"]
 Matvec = Literal["auto", "library", "triton"]
@@ -424,6 +430,14 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
         if library is None:  # not installed: called directly
             from transformers.integrations.sdpa_attention import sdpa_attention_forward as library
         return library(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if triton_matvec_routed() and decode_attention_applies(query, key, attention_mask):
+        # this framework's kernel (lightning_modules/decode_attention.py) in the step of matvec: triton
+        positions = key.shape[2]
+        mask = key.new_ones(positions, dtype=torch.bool) if attention_mask is None else attention_mask.reshape(-1)
+        scale = scaling if scaling is not None else dim**-0.5
+        flat = query.reshape(heads, dim)
+        out = torch.ops.smarter.decode_attention(flat, key[0].contiguous(), value[0].contiguous(), mask, scale)
+        return out.view(batch, 1, heads, dim), None
     grouped = query.reshape(batch, kv_heads, groups, dim)  # query head h reads key/value head h // groups
     out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(batch, 1, heads, dim), None

@@ -312,6 +312,11 @@ def use_triton_matvec(model: torch.nn.Module, four_bit: bool = False) -> int:
     return prepared
 
 
+def triton_matvec_routed() -> bool:
+    """Inside ``triton_matvec_routing()``."""
+    return _ROUTING["on"]
+
+
 @contextlib.contextmanager
 def triton_matvec_routing():
     """Inside, one-row inputs of layers prepared by ``use_triton_matvec`` take the Triton kernel."""

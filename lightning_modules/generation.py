@@ -26,7 +26,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from foundation import ConfigError, synchronize
-from lightning_modules.matvec_kernels import triton_available, triton_matvec_routing, use_triton_matvec
+from lightning_modules.matvec_kernels import switched_on, triton_available, triton_matvec_routing, use_triton_matvec
 
 Decoder = Literal["auto", "dynamic", "static", "static-compiled"]
 Matvec = Literal["auto", "library", "triton"]
@@ -383,15 +383,9 @@ def install_grouped_decode_attention() -> None:
         AttentionInterface.register("sdpa", grouped_sdpa_attention)
 
 
-@contextlib.contextmanager
 def grouped_decode_attention():
     """Inside, one-query SDPA attention over grouped key/value heads runs as ``grouped_sdpa_attention``."""
-    previous = _GROUPED["on"]
-    _GROUPED["on"] = True
-    try:
-        yield
-    finally:
-        _GROUPED["on"] = previous
+    return switched_on(_GROUPED)
 
 
 def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -28,6 +28,7 @@ import torch
 from foundation import ConfigError, synchronize
 from lightning_modules.decode_attention import decode_attention_applies
 from lightning_modules.matvec_kernels import (
+    switched_on,
     triton_available,
     triton_matvec_routed,
     triton_matvec_routing,
@@ -399,15 +400,9 @@ def install_grouped_decode_attention() -> None:
         AttentionInterface.register("sdpa", grouped_sdpa_attention)
 
 
-@contextlib.contextmanager
 def grouped_decode_attention():
     """Inside, one-query SDPA attention over grouped key/value heads runs as ``grouped_sdpa_attention``."""
-    previous = _GROUPED["on"]
-    _GROUPED["on"] = True
-    try:
-        yield
-    finally:
-        _GROUPED["on"] = previous
+    return switched_on(_GROUPED)
 
 
 def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -318,14 +318,19 @@ def triton_matvec_routed() -> bool:
 
 
 @contextlib.contextmanager
-def triton_matvec_routing():
-    """Inside, one-row inputs of layers prepared by ``use_triton_matvec`` take the Triton kernel."""
-    previous = _ROUTING["on"]
-    _ROUTING["on"] = True
+def switched_on(switch: dict[str, Any]):
+    """Inside, ``switch["on"]`` is True; after, as it was."""
+    previous = switch["on"]
+    switch["on"] = True
     try:
         yield
     finally:
-        _ROUTING["on"] = previous
+        switch["on"] = previous
+
+
+def triton_matvec_routing():
+    """Inside, one-row inputs of layers prepared by ``use_triton_matvec`` take the Triton kernel."""
+    return switched_on(_ROUTING)
 
 
 def _one_row_or_torch(original, layer: torch.nn.Linear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

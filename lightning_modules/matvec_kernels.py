@@ -175,7 +175,7 @@ def _four_bit_kernel() -> Any:
         blocks_per_row = k // 64
         nb = tl.arange(0, NB)
         j = tl.arange(0, 8)
-        acc = tl.zeros((ROWS, NB), dtype=tl.float32)
+        acc = tl.zeros((ROWS, NB, 8), dtype=tl.float32)  # summed over words and blocks once, after the loop
         for first in range(0, blocks_per_row, NB):
             block = first + nb
             block_ok = block < blocks_per_row
@@ -212,8 +212,8 @@ def _four_bit_kernel() -> Any:
                 scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + index // BLOCK2, mask=ok2, other=0.0) + offset
             else:
                 scale = tl.load(absmax_ptr + index, mask=ok2, other=0.0)
-            acc += tl.sum(products, axis=2) * scale
-        y = tl.sum(acc, axis=1)
+            acc += products * scale[:, :, None]
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
     return four_bit_matvec_kernel

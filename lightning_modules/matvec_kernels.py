@@ -88,17 +88,16 @@ def _(x, weight):
 
 # ---- 4-bit weights (bitsandbytes' NF4 / FP4 layout, blocks of 64) --------------------------------------------
 # launch shape of the 4-bit kernel: output rows per program, quantization blocks (64 weights) per loop step, warps
-FOUR_BIT_LAUNCH = {"rows": 4, "blocks": 2, "warps": 4}
-_DECODE_ASM: dict[int, str] = {}  # code table id -> the inline assembly that decodes with it
+FOUR_BIT_LAUNCH = {"rows": 4, "blocks": 16, "warps": 2}
+_CODES: dict[int, tuple[float, ...]] = {}  # code table id -> the 16 code values its assembly decodes to
 
 
-def code_tables(code: list[float]) -> dict[str, tuple[int, int]]:
-    """The 16 code values in fp16 as four 8-byte tables, each an (a, b) pair of int32: the high and the low
-    bytes of entries 0-7 and of entries 8-15 (byte i of a table at bits 8i of a, 8(i-4) of b)."""
-    import numpy as np
-
-    bits = np.asarray(code, dtype=np.float16).view(np.uint16).astype(np.uint32)
-    high, low = (bits >> 8) & 0xFF, bits & 0xFF
+def code_tables(code: list[float], dtype: str = "float16") -> dict[str, tuple[int, int]]:
+    """The 16 code values in ``dtype`` (``float16`` or ``bfloat16``) as four 8-byte tables, each an (a, b) pair
+    of int32: the high and the low bytes of entries 0-7 and of entries 8-15 (byte i of a table at bits 8i of
+    a, 8(i-4) of b)."""
+    bits = torch.tensor(code, dtype=torch.float64).to(getattr(torch, dtype)).view(torch.int16).int() & 0xFFFF
+    high, low = ((bits >> 8) & 0xFF).tolist(), (bits & 0xFF).tolist()
 
     def pack(four):
         return int(four[0] | (four[1] << 8) | (four[2] << 16) | (four[3] << 24))
@@ -116,8 +115,15 @@ def decode_asm(code: list[float]) -> str:
     byte of the entries 0-7 and 8-15 tables (high and low bytes of the fp16 codes), the nibble's top bit
     chooses between them (a byte mask made by ``prmt``'s sign mode), two more permutes pair the bytes
     into fp16 values, converted to float32."""
-    tables = code_tables(code)
-    group = """
+    first = _BYTE_DECODE + _TO_FLOAT.replace("$W", "$")  # weights 0-3 from the word's low 16 bits
+    second = _BYTE_DECODE + _TO_FLOAT
+    for i in range(4):
+        second = second.replace(f"$W{i}", f"${i + 4}")  # weights 4-7 from its high 16 bits
+    return _asm_preamble(code) + "mov.b32 w, $8;\n" + first + "shr.b32 w, $8, 16;\n" + second + "}"
+
+
+# four weights' fp16 codes from 16 bits of ``w``: r0 holds weights 1 (low half) and 0, r1 weights 3 and 2
+_BYTE_DECODE = """
     and.b32 sel, w, 0x7777;
     shr.b32 tmp, w, 3;
     and.b32 tmp, tmp, 0x1111;
@@ -131,6 +137,8 @@ def decode_asm(code: list[float]) -> str:
     lop3.b32 ll, xa, xb, msk, 0xD8;
     prmt.b32 r0, ll, hh, 0x5140;
     prmt.b32 r1, ll, hh, 0x7362;
+"""
+_TO_FLOAT = """
     mov.b32 {p0, p1}, r0;
     cvt.f32.f16 $W1, p0;
     cvt.f32.f16 $W0, p1;
@@ -138,22 +146,57 @@ def decode_asm(code: list[float]) -> str:
     cvt.f32.f16 $W3, p0;
     cvt.f32.f16 $W2, p1;
 """
-    first = group.replace("$W", "$")  # weights 0-3 from the word's low 16 bits
-    second = group
-    for i in range(4):
-        second = second.replace(f"$W{i}", f"${i + 4}")  # weights 4-7 from its high 16 bits
-    constants = " ".join(f"mov.b32 {name}{i}, 0x{pair[i]:08X};" for name, pair in tables.items() for i in (0, 1))
+
+
+def _asm_preamble(code: list[float], dtype: str = "float16") -> str:
+    constants = " ".join(
+        f"mov.b32 {name}{i}, 0x{pair[i]:08X};" for name, pair in code_tables(code, dtype).items() for i in (0, 1)
+    )
     return (
-        "{\n.reg .b32 w, sel, tmp, msk, xa, xb, hh, ll, r0, r1, signsrc, zero;\n"
+        "{\n.reg .b32 w, sel, tmp, msk, xa, xb, hh, ll, r0, r1, signsrc, zero, xs;\n"
         ".reg .b32 ha0, ha1, hb0, hb1, la0, la1, lb0, lb1;\n"
         ".reg .b16 p0, p1;\n"
-        + constants
-        + " mov.b32 signsrc, 0x00008000; mov.b32 zero, 0;\nmov.b32 w, $8;\n"
-        + first
-        + "shr.b32 w, $8, 16;\n"
-        + second
-        + "}"
+        ".reg .f32 c, xv, acc, lo, hi;\n" + constants + " mov.b32 signsrc, 0x00008000; mov.b32 zero, 0;\n"
     )
+
+
+def dot_asm(code: list[float], x_dtype: str) -> str:
+    """PTX for the dot product of one int32 word of 4-bit weights (``$1``; byte i: weight 2i in its high nibble,
+    2i+1 in its low one) with the word's 8 x values (``$2``-``$5``: int32 pairs of 16-bit x, x 2i in the low
+    half), into ``$0`` (float32). ``$6``-``$9`` hold the first words of the code tables (``dot_tables``; in
+    registers, the second words are immediates here). Per 4 weights: the low 3 bits of each nibble pick a
+    byte of the entries 0-7 and 8-15 tables (high and low bytes of the codes in x's dtype, ``bfloat16`` or
+    ``float16``), the nibble's top bit chooses between them (a byte mask made by ``prmt``'s sign mode from
+    the word and the word shifted by 4), and two more permutes pair the codes as x's pairs hold them.
+    Packed fused multiply-adds in x's dtype sum the even and the odd weights' products (4 each, rounded
+    at each step as a 16-bit sum is); ``$0`` is the float32 sum of the two."""
+    tables = code_tables(code, x_dtype)
+    pair_type, half_type = ("bf16x2", "bf16") if x_dtype == "bfloat16" else ("f16x2", "f16")
+    text = (
+        "{\n.reg .b32 sel, shifted, msk, xa, xb, hh, ll, r0, r1, sums, ha1, hb1, la1, lb1;\n"
+        ".reg .b16 p0, p1;\n.reg .f32 lo, hi;\n"
+        + " ".join(f"mov.b32 {name}1, 0x{tables[name][1]:08X};" for name in ("ha", "hb", "la", "lb"))
+        + "\nmov.b32 sums, 0;\nshl.b32 shifted, $1, 4;\n"
+    )
+    for group, (pair_a, pair_b, sign_bytes) in enumerate((("$2", "$3", "0x9D8C"), ("$4", "$5", "0xBFAE"))):
+        text += "and.b32 sel, $1, 0x7777;\n" if group == 0 else "shr.b32 sel, $1, 16;\nand.b32 sel, sel, 0x7777;\n"
+        # byte j of msk: all ones where the nibble that picks byte j has its top bit set
+        text += f"prmt.b32 msk, $1, shifted, {sign_bytes};\n"
+        text += "prmt.b32 xa, $6, ha1, sel;\nprmt.b32 xb, $7, hb1, sel;\nlop3.b32 hh, xa, xb, msk, 0xD8;\n"
+        text += "prmt.b32 xa, $8, la1, sel;\nprmt.b32 xb, $9, lb1, sel;\nlop3.b32 ll, xa, xb, msk, 0xD8;\n"
+        # r0: weight 4g (low half) and 4g+1, r1: weights 4g+2 and 4g+3
+        text += "prmt.b32 r0, ll, hh, 0x4051;\nprmt.b32 r1, ll, hh, 0x6273;\n"
+        text += f"fma.rn.{pair_type} sums, r0, {pair_a}, sums;\nfma.rn.{pair_type} sums, r1, {pair_b}, sums;\n"
+    text += f"mov.b32 {{p0, p1}}, sums;\ncvt.f32.{half_type} lo, p0;\ncvt.f32.{half_type} hi, p1;\n"
+    return text + "add.f32 $0, lo, hi;\n}"
+
+
+def dot_tables(code: list[float], x_dtype: str) -> list[int]:
+    """``dot_asm``'s register operands ``$6``-``$9`` for ``code`` in ``x_dtype``, as signed int32 values."""
+    tables = code_tables(code, x_dtype)
+    return [
+        value - (1 << 32) if value >= 1 << 31 else value for value in (tables[n][0] for n in ("ha", "hb", "la", "lb"))
+    ]
 
 
 @functools.cache
@@ -163,60 +206,71 @@ def _four_bit_kernel() -> Any:
 
     @triton.jit
     def four_bit_matvec_kernel(
-        x_ptr, words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code16_ptr, offset, y_ptr, n, k,
-        BLOCK2: tl.constexpr, NESTED: tl.constexpr, ROWS: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr,
-        LOOKUP: tl.constexpr,
+        x_ptr, x32_ptr, tables_ptr, words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code16_ptr, offset, y_ptr, n, k,
+        hidden_zero, BLOCK2: tl.constexpr, NESTED: tl.constexpr, ROWS: tl.constexpr, NB: tl.constexpr,
+        ASM: tl.constexpr, LOOKUP: tl.constexpr, EVEN: tl.constexpr,
     ):  # fmt: skip
-        # tiles of (ROWS rows, NB blocks of 64 weights = 8 int32 words): one scale per (row, block), x read as
-        # contiguous runs of 8 and split in registers
-        rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
-        row_ok = rows < n
-        row_words = k // 8
+        # tiles of (ROWS rows, NB blocks of 64 weights = 8 int32 words): each word's 8 products summed in
+        # registers by the inline assembly (x read as 4 int32 pairs of 16-bit values), one scale per
+        # (row, block)
+        rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None, None]  # (ROWS, 1, 1)
+        row_ok = tl.full((ROWS, 1, 1), 1, tl.int1) if EVEN else rows < n  # EVEN: whole tiles, no masks
+        row_words = tl.multiple_of(k // 8, 8)  # k is a multiple of 64: rows start 32-byte aligned
         blocks_per_row = k // 64
-        nb = tl.arange(0, NB)
-        j = tl.arange(0, 8)
+        nb = tl.arange(0, NB)[None, :, None]  # (1, NB, 1)
+        j = tl.arange(0, 8)[None, None, :]  # (1, 1, 8)
+        # every operand is loaded in the tile's own shape (x and scales once per row of the tile: cached
+        # re-reads), so that no value changes layout (through shared memory) inside the loop
+        zero = tl.zeros((ROWS, NB, 8), dtype=tl.int32)
         acc = tl.zeros((ROWS, NB, 8), dtype=tl.float32)  # summed over words and blocks once, after the loop
+        if not LOOKUP:
+            # the code tables' register words, read at an address the compiler cannot prove the same in every
+            # thread (hidden_zero is 0): held in ordinary registers, not copied from uniform ones at each use
+            lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [zero], tl.int32, True, 1)
+            table = tables_ptr + (lane & hidden_zero)
+            t0 = tl.load(table)
+            t1 = tl.load(table + 1)
+            t2 = tl.load(table + 2)
+            t3 = tl.load(table + 3)
         for first in range(0, blocks_per_row, NB):
             block = first + nb
-            block_ok = block < blocks_per_row
-            word = block[:, None] * 8 + j[None, :]  # (NB, 8) word offsets in a row
-            ok3 = row_ok[:, None, None] & block_ok[None, :, None]
-            wd = tl.load(words_ptr + rows[:, None, None] * row_words + word[None, :, :], mask=ok3, other=0)
-            if LOOKUP:  # Triton's interpreter has no inline assembly: the same values by look-up
-                w0 = tl.load(code16_ptr + ((wd >> 4) & 15))
-                w1 = tl.load(code16_ptr + (wd & 15))
-                w2 = tl.load(code16_ptr + ((wd >> 12) & 15))
-                w3 = tl.load(code16_ptr + ((wd >> 8) & 15))
-                w4 = tl.load(code16_ptr + ((wd >> 20) & 15))
-                w5 = tl.load(code16_ptr + ((wd >> 16) & 15))
-                w6 = tl.load(code16_ptr + ((wd >> 28) & 15))
-                w7 = tl.load(code16_ptr + ((wd >> 24) & 15))
+            block_ok = tl.full((1, NB, 1), 1, tl.int1) if EVEN else block < blocks_per_row
+            word = block * 8 + j + zero  # (ROWS, NB, 8) word offsets in a row
+            ok = row_ok & block_ok
+            wd = tl.load(words_ptr + rows * row_words + word, mask=ok, other=0)
+            if LOOKUP:  # Triton's interpreter has no inline assembly: the same sums by look-up
+                sums = tl.zeros((ROWS, NB, 8), dtype=tl.float32)
+                for t in tl.static_range(8):  # weight t of a word: nibble 1 - t % 2 of byte t // 2
+                    nibble = (wd >> (8 * (t // 2) + 4 * (1 - t % 2))) & 15
+                    xt = tl.load(x_ptr + word * 8 + t, mask=block_ok, other=0.0).to(tl.float32)
+                    sums += tl.load(code16_ptr + nibble) * xt
             else:
-                w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
-                    ASM, "=f,=f,=f,=f,=f,=f,=f,=f,r", [wd], dtype=(tl.float32,) * 8, is_pure=True, pack=1
-                )
-            xs = tl.load(x_ptr + word[:, :, None] * 8 + j[None, None, :], mask=block_ok[:, None, None], other=0.0)
-            x_even, x_odd = tl.split(tl.reshape(xs.to(tl.float32), (NB, 8, 4, 2)))  # weights 0,2,4,6 / 1,3,5,7
-            x04, x26 = tl.split(tl.reshape(x_even, (NB, 8, 2, 2)))
-            x15, x37 = tl.split(tl.reshape(x_odd, (NB, 8, 2, 2)))
-            x0, x4 = tl.split(x04)
-            x2, x6 = tl.split(x26)
-            x1, x5 = tl.split(x15)
-            x3, x7 = tl.split(x37)
-            products = w0 * x0[None] + w1 * x1[None] + w2 * x2[None] + w3 * x3[None]
-            products += w4 * x4[None] + w5 * x5[None] + w6 * x6[None] + w7 * x7[None]
-            index = rows[:, None] * blocks_per_row + block[None, :]
-            ok2 = row_ok[:, None] & block_ok[None, :]
+                pair = tl.arange(0, 4)[None, None, None, :]  # a word's 4 pairs of x, read as one 16-byte load
+                xs = tl.load(x32_ptr + (word * 4)[:, :, :, None] + pair, mask=block_ok[:, :, :, None], other=0)
+                x_even, x_odd = tl.split(tl.reshape(xs, (ROWS, NB, 8, 2, 2)))  # pairs 0, 2 / 1, 3
+                x0, x2 = tl.split(x_even)
+                x1, x3 = tl.split(x_odd)
+                sums = tl.inline_asm_elementwise(
+                    ASM, "=f,r,r,r,r,r,r,r,r,r", [wd, x0, x1, x2, x3, t0, t1, t2, t3],
+                    dtype=tl.float32, is_pure=True, pack=1,
+                )  # fmt: skip
+            index = rows * blocks_per_row + block + zero
             if NESTED:
-                q = tl.load(absmax_ptr + index, mask=ok2, other=0).to(tl.int32)
-                scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + index // BLOCK2, mask=ok2, other=0.0) + offset
+                q = tl.load(absmax_ptr + index, mask=ok, other=0).to(tl.int32)
+                scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + index // BLOCK2, mask=ok, other=0.0) + offset
             else:
-                scale = tl.load(absmax_ptr + index, mask=ok2, other=0.0)
-            acc += products * scale[:, :, None]
-        y = tl.sum(tl.sum(acc, axis=2), axis=1)
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+                scale = tl.load(absmax_ptr + index, mask=ok, other=0.0)
+            acc += sums * scale
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)  # (ROWS,)
+        out_rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        tl.store(y_ptr + out_rows, y.to(y_ptr.dtype.element_ty), mask=out_rows < n)
 
     return four_bit_matvec_kernel
+
+
+@functools.cache
+def _dot_asm(table: int, x_dtype: str) -> str:
+    return dot_asm(list(_CODES[table]), x_dtype)
 
 
 @torch.library.custom_op("smarter::four_bit_matvec", mutates_args=())
@@ -227,6 +281,7 @@ def four_bit_matvec(
     absmax2: torch.Tensor,
     code2: torch.Tensor,
     code16: torch.Tensor,
+    tables: torch.Tensor,
     offset: float,
     n: int,
     nested: bool,
@@ -236,21 +291,24 @@ def four_bit_matvec(
     """``W @ x`` for one vector ``x`` ``(k,)`` and a 4-bit weight ``W`` ``(n, k)`` in bitsandbytes' layout
     (``words``: its packed bytes as int32, rows of k / 8 words; blocks of 64 weights with one ``absmax``
     each, itself 8-bit quantized when ``nested``); the codes are ``code16`` (float32 values of the fp16
-    codes) and, on a GPU, the register table ``table`` of ``_DECODE_ASM``. ``(n,)`` in x's dtype."""
+    codes) and, on a GPU, the assembly of ``_CODES[table]`` with its register words ``tables`` (int32
+    ``(2, 4)``: for bfloat16 and float16 x, ``dot_tables``); x is bfloat16 or float16. ``(n,)`` in x's dtype."""
     k = x.shape[0]
     y = torch.empty(n, dtype=x.dtype, device=x.device)
     rows, blocks, warps = FOUR_BIT_LAUNCH["rows"], FOUR_BIT_LAUNCH["blocks"], FOUR_BIT_LAUNCH["warps"]
     lookup = os.environ.get("TRITON_INTERPRET") == "1"
+    bf16 = x.dtype == torch.bfloat16
+    even = n % rows == 0 and (k // 64) % blocks == 0
     _four_bit_kernel()[(triton_cdiv(n, rows),)](
-        x, words, absmax, absmax2, code2, code16, offset, y, n, k,
-        BLOCK2=blocksize2, NESTED=nested, ROWS=rows, NB=blocks, ASM=_DECODE_ASM[table], LOOKUP=lookup,
-        num_warps=warps,
+        x, x.view(torch.int32), tables[0 if bf16 else 1], words, absmax, absmax2, code2, code16, offset, y, n, k, 0,
+        BLOCK2=blocksize2, NESTED=nested, ROWS=rows, NB=blocks, ASM=_dot_asm(table, str(x.dtype)[6:]),
+        LOOKUP=lookup, EVEN=even, num_warps=warps,
     )  # fmt: skip
     return y
 
 
 @four_bit_matvec.register_fake
-def _(x, words, absmax, absmax2, code2, code16, offset, n, nested, blocksize2, table):
+def _(x, words, absmax, absmax2, code2, code16, tables, offset, n, nested, blocksize2, table):
     return x.new_empty(n)
 
 
@@ -262,15 +320,20 @@ def _four_bit_operands(layer: torch.nn.Module) -> dict[str, Any] | None:
     nested = bool(getattr(state, "nested", False))
     if nested and state.state2.blocksize < 1:
         return None
-    code = state.code.float().tolist()
-    table = next((key for key, text in _DECODE_ASM.items() if text == decode_asm(code)), len(_DECODE_ASM))
-    _DECODE_ASM.setdefault(table, decode_asm(code))
+    code = tuple(state.code.float().tolist())
+    table = next((key for key, known in _CODES.items() if known == code), len(_CODES))
+    _CODES.setdefault(table, code)
     return dict(
         words=layer.weight.data.view(torch.uint8).reshape(-1).view(torch.int32),
         absmax=state.absmax,
         absmax2=state.state2.absmax if nested else state.absmax,
         code2=(state.state2.code if nested else state.code).float(),
         code16=state.code.to(torch.float16).float(),
+        tables=torch.tensor(
+            [dot_tables(list(code), "bfloat16"), dot_tables(list(code), "float16")],
+            dtype=torch.int32,
+            device=state.absmax.device,
+        ),
         offset=float(state.offset) if nested else 0.0,
         n=state.shape[0],
         nested=nested,
@@ -282,9 +345,9 @@ def _four_bit_operands(layer: torch.nn.Module) -> dict[str, Any] | None:
 def _one_row_or_bitsandbytes(original, layer: torch.nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     operands = layer._smarter_four_bit
     one_row = _ROUTING["on"] and x.numel() == x.shape[-1] and not torch.is_grad_enabled()
-    if not one_row or x.shape[-1] % 64:
+    if not one_row or x.shape[-1] % 64 or x.dtype not in (torch.bfloat16, torch.float16):
         return original(x, *args, **kwargs)
-    y = torch.ops.smarter.four_bit_matvec(x.reshape(-1), **operands)
+    y = torch.ops.smarter.four_bit_matvec(x.reshape(-1).contiguous(), **operands)
     if layer.bias is not None:
         y = y + layer.bias.to(y.dtype)
     return y.view(*x.shape[:-1], operands["n"])

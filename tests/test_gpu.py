@@ -139,7 +139,8 @@ def test_prompts_of_several_lengths_read_by_graphs_give_the_eager_reads_logits_o
 
 
 @pytest.mark.parametrize("nested", [False, True])
-def test_the_four_bit_kernel_compiles_and_gives_the_dequantized_product_on_gpu(nested):
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+def test_the_four_bit_kernel_compiles_and_gives_the_dequantized_product_on_gpu(nested, x_dtype):
     import bitsandbytes.functional as bnb_functional
 
     from lightning_modules.matvec_kernels import _four_bit_operands
@@ -151,7 +152,7 @@ def test_the_four_bit_kernel_compiles_and_gives_the_dequantized_product_on_gpu(n
         )
         layer = torch.nn.Module()
         layer.weight = type("Packed", (), {"data": packed, "quant_state": state})()
-        x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(k, device="cuda", dtype=x_dtype)
         got = torch.ops.smarter.four_bit_matvec(x, **_four_bit_operands(layer)).float()
         want = bnb_functional.dequantize_4bit(packed, state).float() @ x.float()
         assert (got - want).norm() / want.norm() < 1e-2, (n, k)

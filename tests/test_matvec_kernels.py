@@ -81,17 +81,30 @@ def test_auto_takes_the_kernel_for_the_compiled_decoder_on_a_gpu_only():
     assert resolve_matvec("library", "static-compiled", gpu) == "library"
 
 
-def _run_ptx(text: str, word: int) -> list[float]:
-    """A small interpreter for the decode assembly's instructions (integer ops, ``prmt`` with sign mode,
-    ``lop3``, 16-bit unpacking, fp16 to float32), so the very text the GPU compiles is checked here."""
+def _half_bits_to_float(bits: int, half: str) -> float:
     import numpy as np
 
-    regs: dict[str, int] = {"$8": word}
-    outputs: dict[str, float] = {}
+    if half == "f16":
+        return float(np.array([bits & 0xFFFF], dtype=np.uint16).view(np.float16)[0])
+    return float(np.array([(bits & 0xFFFF) << 16], dtype=np.uint32).view(np.float32)[0])
+
+
+def _float_to_half_bits(value: float, half: str) -> int:
+    dtype = torch.float16 if half == "f16" else torch.bfloat16
+    return int(torch.tensor(value, dtype=torch.float64).to(dtype).view(torch.int16).item()) & 0xFFFF
+
+
+def _run_ptx(text: str, inputs: dict[str, int]) -> dict[str, float]:
+    """A small interpreter for the 4-bit kernels' assembly (integer ops, ``prmt`` with sign mode, ``lop3``,
+    16-bit unpacking, packed fp16 / bf16 fused multiply-adds rounded once as the hardware does, conversions
+    to float32), so the very text the GPU compiles is checked here. ``inputs``: ``$i`` -> int32 bits;
+    returns the float32 outputs written to ``$i`` registers."""
+    regs: dict[str, int] = {name: value & 0xFFFFFFFF for name, value in inputs.items()}
+    floats: dict[str, float] = {}
 
     def val(token: str) -> int:
         token = token.strip()
-        return regs[token] if token in regs else int(token, 0)
+        return regs[token] if token in regs else int(token, 0) & 0xFFFFFFFF
 
     def prmt(a: int, b: int, c: int) -> int:
         src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
@@ -104,35 +117,48 @@ def _run_ptx(text: str, word: int) -> list[float]:
             out |= byte << (8 * i)
         return out
 
-    for statement in text.replace("{", " ").replace("}", " ").split(";"):
+    for statement in text.replace("{\n", " ").replace("\n}", " ").split(";"):
         statement = statement.strip()
         if not statement or statement.startswith(".reg"):
             continue
         op, _, rest = statement.partition(" ")
-        if op == "mov.b32" and rest.lstrip().startswith("p0"):  # mov.b32 {p0, p1}, r
-            parts = [t.strip() for t in rest.split(",")]
-            regs["p0"], regs["p1"] = val(parts[2]) & 0xFFFF, val(parts[2]) >> 16
+        if op == "mov.b32" and rest.lstrip().startswith("{p0"):  # mov.b32 {p0, p1}, r
+            source = val(rest.split("}")[1].strip(" ,"))
+            regs["p0"], regs["p1"] = source & 0xFFFF, source >> 16
             continue
         dst, *args = [t.strip() for t in rest.split(",")]
+        if op.startswith("cvt.f32."):
+            floats[dst] = _half_bits_to_float(val(args[0]), op.split(".")[2])
+            continue
+        if op == "add.f32":
+            floats[dst] = float(torch.tensor(floats[args[0]] + floats[args[1]], dtype=torch.float32))
+            continue
         a = [val(t) for t in args]
         if op == "mov.b32":
-            regs[dst] = a[0] & 0xFFFFFFFF
+            regs[dst] = a[0]
         elif op == "and.b32":
             regs[dst] = a[0] & a[1]
         elif op == "or.b32":
             regs[dst] = a[0] | a[1]
         elif op == "shr.b32":
-            regs[dst] = (a[0] & 0xFFFFFFFF) >> a[1]
+            regs[dst] = a[0] >> a[1]
+        elif op == "shl.b32":
+            regs[dst] = (a[0] << a[1]) & 0xFFFFFFFF
         elif op == "prmt.b32":
             regs[dst] = prmt(a[0], a[1], a[2])
         elif op == "lop3.b32":
             assert a[3] == 0xD8  # (a & ~c) | (b & c)
             regs[dst] = ((a[0] & ~a[2]) | (a[1] & a[2])) & 0xFFFFFFFF
-        elif op == "cvt.f32.f16":
-            outputs[dst] = float(np.array([a[0]], dtype=np.uint16).view(np.float16)[0])
+        elif op in ("fma.rn.bf16x2", "fma.rn.f16x2"):
+            half = "bf16" if "bf16" in op else "f16"
+            out = 0
+            for lane in (0, 1):  # each half: a * b + c exactly, then rounded to nearest even once
+                x, y, z = (_half_bits_to_float(v >> (16 * lane), half) for v in a)
+                out |= _float_to_half_bits(x * y + z, half) << (16 * lane)
+            regs[dst] = out
         else:
             raise AssertionError(f"instruction not interpreted: {statement}")
-    return [outputs[f"${i}"] for i in range(8)]
+    return {name: value for name, value in floats.items() if name.startswith("$")}
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -149,7 +175,43 @@ def test_the_decode_assembly_gives_each_weights_code_in_order(quant_type):
     words = [0, 0xFFFFFFFF, 0x01234567, 0x89ABCDEF, *np.random.default_rng(0).integers(0, 2**32, 300).tolist()]
     for word in words:
         nibbles = [v for i in range(4) for v in ((word >> (8 * i + 4)) & 15, (word >> (8 * i)) & 15)]
-        assert _run_ptx(text, word) == [code16[v] for v in nibbles], hex(word)
+        out = _run_ptx(text, {"$8": word})
+        assert [out[f"${i}"] for i in range(8)] == [code16[v] for v in nibbles], hex(word)
+
+
+@pytest.mark.parametrize("x_dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_the_dot_assembly_sums_each_weights_code_times_its_x(quant_type, x_dtype):
+    import numpy as np
+
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    from lightning_modules.matvec_kernels import dot_asm, dot_tables
+
+    _, state = bnb_functional.quantize_4bit(torch.randn(64, 64), blocksize=64, quant_type=quant_type)
+    code = state.code.float().tolist()
+    text = dot_asm(code, x_dtype)
+    half = "bf16" if x_dtype == "bfloat16" else "f16"
+    dtype = getattr(torch, x_dtype)
+    codes = torch.tensor(code).to(dtype).double().tolist()  # the codes in x's dtype
+    registers = {f"${6 + i}": value for i, value in enumerate(dot_tables(code, x_dtype))}
+    rng = np.random.default_rng(1)
+    words = [0, 0xFFFFFFFF, 0x01234567, 0x89ABCDEF, *rng.integers(0, 2**32, 200).tolist()]
+    for word in words:
+        x = torch.randn(8, generator=torch.Generator().manual_seed(word % 1000)).to(dtype)
+        pairs = x.view(torch.int32).tolist()  # x 2i in the low half of pair i
+        nibbles = [v for i in range(4) for v in ((word >> (8 * i + 4)) & 15, (word >> (8 * i)) & 15)]
+        got = _run_ptx(text, {"$1": word, **{f"${2 + i}": p for i, p in enumerate(pairs)}, **registers})["$0"]
+        # the same sums as the hardware forms them: even and odd weights apart, rounded to x's dtype each step
+        lanes = []
+        for first in (0, 1):
+            total = 0.0
+            for t in range(first, 8, 2):
+                total = _half_bits_to_float(_float_to_half_bits(codes[nibbles[t]] * float(x[t]) + total, half), half)
+            lanes.append(total)
+        assert got == float(torch.tensor(lanes[0] + lanes[1], dtype=torch.float32)), hex(word)
+        exact = sum(codes[nibbles[t]] * float(x[t]) for t in range(8))
+        scale = sum(abs(codes[nibbles[t]] * float(x[t])) for t in range(8))
+        assert abs(got - exact) <= 2e-2 * scale + 1e-6, hex(word)  # 16-bit rounding only
 
 
 @pytest.fixture

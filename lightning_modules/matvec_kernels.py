@@ -99,6 +99,11 @@ def use_triton_matvec(model: torch.nn.Module) -> int:
     return prepared
 
 
+def triton_matvec_routed() -> bool:
+    """Inside ``triton_matvec_routing()``."""
+    return _ROUTING["on"]
+
+
 @contextlib.contextmanager
 def switched_on(switch: dict[str, Any]):
     """Inside, ``switch["on"]`` is True; after, as it was."""

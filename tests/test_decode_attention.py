@@ -44,7 +44,8 @@ def test_the_routed_bf16_decode_step_takes_the_attention_kernel_and_gives_the_li
 
     monkeypatch.setattr(decode_attention, "_kernels", counted)
     torch.manual_seed(0)
-    model = load_causal_lm(ModelSpec(source="tiny", dtype="bfloat16"), torch.device("cpu")).eval()
+    spec = ModelSpec(source="tiny", dtype="bfloat16", preset_overrides={"vocab_size": 1024})  # a light LM head
+    model = load_causal_lm(spec, torch.device("cpu")).eval()
     prompt = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(1))
     token, position = prompt[:, -1:], torch.tensor([12])
 

@@ -80,10 +80,11 @@ class GenerationSettings:
         warmup: Untimed generations before the first prompt (kernel selection, allocator, caches,
             and the compilation of ``static-compiled``), on the real prompts' shapes.
         decoder: ``auto``, ``dynamic``, ``static`` or ``static-compiled`` (see the module docstring).
-        matvec: The one-token step's matrix-vector products: ``library`` (torch's and bitsandbytes'),
-            ``triton`` (this framework's kernels, lightning_modules/matvec_kernels.py, for float weights
-            and bitsandbytes' 4-bit ones), or ``auto`` (Triton for float weights in the compiled static
-            decoder on a GPU; 4-bit layers keep bitsandbytes' kernel).
+        matvec: The one-token step's matrix-vector products and its attention: ``library`` (torch's and
+            bitsandbytes'), ``triton`` (this framework's kernels, lightning_modules/matvec_kernels.py and
+            decode_attention.py, for float weights and bitsandbytes' 4-bit ones), or ``auto`` (Triton for
+            float weights and the attention in the compiled static decoder on a GPU; 4-bit layers keep
+            bitsandbytes' kernel).
     """
 
     max_new_tokens: int = 64
@@ -162,14 +163,16 @@ class StaticCacheDecoder:
     With ``compiled``, the prompt is read by a CUDA graph too, one per prompt length rounded up to
     ``PREFILL_BUCKET`` (see ``prefill``), without cuDNN's attention, which plans anew for each length.
     Inside ``step`` the one query attends with its key/value head's other queries
-    (``grouped_sdpa_attention``) instead of over a copy of the cache per query head.
+    (``grouped_sdpa_attention``) instead of over a copy of the cache per query head; with
+    ``triton_matvec`` that attention runs in this framework's kernel (lightning_modules/decode_attention.py:
+    on an H200, 7B, bf16 212.7 to 219.1 tokens/s per prompt, nf4 193.2 to 198.9, against cuDNN's).
 
     Args:
         model: A Hugging Face causal LM (peft-wrapped or not), in eval mode.
         max_cache_len: Positions the cache holds: at least the longest prompt plus its new tokens.
         compiled: Compile the one-token step with CUDA graphs (GPU only).
-        triton_matvec: The step's matrix-vector products with float weights run in this framework's
-            Triton kernel.
+        triton_matvec: The step's matrix-vector products with float weights, and its attention, run in
+            this framework's Triton kernels.
         four_bit_matvec: With ``triton_matvec``, bitsandbytes' 4-bit layers (blocks of 64) too, in the
             kernel that decodes nibbles in registers.
     """
@@ -178,8 +181,8 @@ class StaticCacheDecoder:
     PREFILL_GRAPHS = 16  # at most this many prompt lengths get a graph; others are read eagerly
     # cuDNN's attention plans anew for each prompt length (tens of milliseconds the first time)
     PREFILL_ATTENTION: tuple[str, ...] | None = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
-    # the step's attention: torch's choice (cuDNN on an H200: 212.7 tokens/s bf16 against 211.3 with
-    # memory-efficient attention; nf4 193.9 against 191.1)
+    # the step's attention where this framework's kernel does not take it (without triton_matvec): torch's
+    # choice (cuDNN on an H200: 212.7 tokens/s bf16 against 211.3 with memory-efficient attention)
     step_attention: tuple[str, ...] | None = None
 
     def __init__(

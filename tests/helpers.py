@@ -56,3 +56,30 @@ def run_smarter(*args: str, cwd: Path, timeout: int = 300, env: dict | None = No
 def error_lines(stderr: str) -> list[str]:
     """The ``smarter: error:`` lines of a run's standard error."""
     return [line for line in stderr.splitlines() if line.startswith("smarter: error:")]
+
+
+def count_calls(monkeypatch, owner, name: str) -> list[int]:
+    """Replace ``owner.name`` (a function) by one that calls it and appends 1 to the list returned."""
+    calls: list[int] = []
+    real = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def decode_step_logits(model, prompt, triton_matvec: bool):
+    """Logits of the eager static-cache decoder's first step after reading ``prompt`` ``(1, n)``: its last
+    token again, at position n."""
+    import torch
+
+    from lightning_modules.generation import StaticCacheDecoder
+
+    length = prompt.shape[1]
+    decoder = StaticCacheDecoder(model, max_cache_len=length + 20, compiled=False, triton_matvec=triton_matvec)
+    with torch.inference_mode():
+        decoder.prefill(prompt)
+        return decoder.step(prompt[:, -1:], torch.tensor([length])).float()

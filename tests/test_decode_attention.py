@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import count_calls, decode_step_logits
+
 pytest.importorskip("triton", reason="the kernel's CPU check runs in Triton's interpreter")
 
 
@@ -33,29 +35,14 @@ def test_decode_attention_gives_sdpa_output(dtype, positions, filled):
 
 def test_the_routed_bf16_decode_step_takes_the_attention_kernel_and_gives_the_library_logits(monkeypatch):
     from lightning_modules import ModelSpec, decode_attention, load_causal_lm
-    from lightning_modules.generation import StaticCacheDecoder
 
-    launches = []
-    real = decode_attention._kernels
-
-    def counted():
-        launches.append(1)
-        return real()
-
-    monkeypatch.setattr(decode_attention, "_kernels", counted)
+    launches = count_calls(monkeypatch, decode_attention, "_kernels")
     torch.manual_seed(0)
-    model = load_causal_lm(ModelSpec(source="tiny", dtype="bfloat16"), torch.device("cpu")).eval()
+    spec = ModelSpec(source="tiny", dtype="bfloat16", preset_overrides={"vocab_size": 1024})  # a light LM head
+    model = load_causal_lm(spec, torch.device("cpu")).eval()
     prompt = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(1))
-    token, position = prompt[:, -1:], torch.tensor([12])
-
-    def step_logits(triton_matvec: bool) -> torch.Tensor:
-        decoder = StaticCacheDecoder(model, max_cache_len=32, compiled=False, triton_matvec=triton_matvec)
-        with torch.inference_mode():
-            decoder.prefill(prompt)
-            return decoder.step(token, position).float()
-
-    library = step_logits(False)
+    library = decode_step_logits(model, prompt, triton_matvec=False)
     assert launches == []
-    routed = step_logits(True)
+    routed = decode_step_logits(model, prompt, triton_matvec=True)
     assert len(launches) == model.config.num_hidden_layers  # once a layer, in the step only
     assert (routed - library).norm() / library.norm() < 2e-2

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import count_calls, decode_step_logits
+
 pytest.importorskip("triton", reason="the kernel's CPU check runs in Triton's interpreter")
 
 
@@ -14,14 +16,7 @@ def interpreted(monkeypatch):
     """The kernel (in Triton's interpreter without a GPU: conftest sets it) and a count of its launches."""
     from lightning_modules import matvec_kernels
 
-    launches = []
-    real = matvec_kernels._kernel
-
-    def counted():
-        launches.append(1)
-        return real()
-
-    monkeypatch.setattr(matvec_kernels, "_kernel", counted)
+    launches = count_calls(monkeypatch, matvec_kernels, "_kernel")
     monkeypatch.setitem(matvec_kernels.LAUNCH, "rows", 64)  # fewer programs: the interpreter runs each in numpy
     return launches
 
@@ -40,7 +35,6 @@ def test_the_matvec_kernel_gives_torchs_product(interpreted, dtype):
 
 def test_the_routed_decode_step_gives_the_library_steps_logits(interpreted):
     from lightning_modules import LoraSettings, ModelSpec, load_causal_lm
-    from lightning_modules.generation import StaticCacheDecoder
     from lightning_modules.matvec_kernels import use_triton_matvec
 
     spec = ModelSpec(source="tiny", dtype="float32", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
@@ -50,17 +44,10 @@ def test_the_routed_decode_step_gives_the_library_steps_logits(interpreted):
         if "lora_B" in name:  # adapters that change the output
             torch.nn.init.normal_(weight, std=0.05)
     prompt = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(1))
-    token, position = prompt[:, -1:], torch.tensor([12])
-
-    def step_logits(triton_matvec: bool) -> torch.Tensor:
-        decoder = StaticCacheDecoder(model, max_cache_len=32, compiled=False, triton_matvec=triton_matvec)
-        with torch.inference_mode():
-            decoder.prefill(prompt)
-            return decoder.step(token, position)
-
-    library = step_logits(False)
+    token = prompt[:, -1:]
+    library = decode_step_logits(model, prompt, triton_matvec=False)
     assert interpreted == []
-    routed = step_logits(True)
+    routed = decode_step_logits(model, prompt, triton_matvec=True)
     layers = model.config.num_hidden_layers
     # every projection's base weight and both LoRA matrices, and the LM head, once each; the prefill none
     assert use_triton_matvec(model) == len(interpreted) == layers * 7 * 3 + 1

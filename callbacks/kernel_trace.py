@@ -11,8 +11,9 @@ window of batches of the stage being run and, per active cycle, writes:
 - ``<stage>-cycle<N>.top_ops.txt``: the same, as a plain table;
 
 and logs ``prof/<stage>/device_time_ms``, ``prof/<stage>/cpu_time_ms`` and
-``prof/<stage>/kernel_count`` per profiled step. Tracing never stops the run: if it fails, it warns
-and switches itself off.
+``prof/<stage>/kernel_count`` per profiled step. With several processes (DDP, FSDP) each traces its own
+work into files named ``<stage>-cycle<N>-rank<R>.*`` (the logged figures are the first process's).
+Tracing never stops the run: if it fails, it warns and switches itself off.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -146,9 +148,8 @@ class KernelTraceCallback(StageCallback):
         folder = Path(self.output_dir) if self.output_dir else Path(trainer.log_dir or ".") / "kernel_trace"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / ".write_probe"
-            probe.write_text("ok")
-            probe.unlink()
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_probe"):  # a name of this process's own
+                pass
         except OSError as error:
             self._disable(f"cannot write to the output folder {folder} ({error}); set output_dir")
             return
@@ -225,6 +226,9 @@ class KernelTraceCallback(StageCallback):
         try:
             self._cycle += 1
             name = f"{self._stage}-cycle{self._cycle}"
+            trainer = self._trainer
+            if trainer is not None and trainer.world_size > 1:  # every process traces its own work
+                name += f"-rank{trainer.global_rank}"
             prof.export_chrome_trace(str(self._out / f"{name}.pt.trace.json.gz"))
             on_gpu = any(a == ProfilerActivity.CUDA for a in prof.activities)
             summary = summarize_profile(

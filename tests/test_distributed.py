@@ -3,6 +3,7 @@ reduced exactly, checkpoints and predictions written once and whole, and several
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from helpers import QUIET, TINY, run_smarter, scalars
+from helpers import QUIET, TINY, TRACE, run_smarter, scalars
 
 CPU = ["--trainer.accelerator", "cpu"]
 
@@ -51,7 +52,7 @@ def test_fit_on_two_processes_sees_each_sample_once_writes_one_checkpoint_and_ex
     fit += ["--data.block_size", "256", "--data.batch_size", "4", "--trainer.max_epochs", "1"]
     fit += ["--trainer.val_check_interval", "1.0", "--trainer.log_every_n_steps", "1"]
     fit += ["--trainer.callbacks+=custom_modules.RecordTrainingRows", "--trainer.callbacks.folder", str(rows)]
-    fit += ["-c", str(REPO_ROOT / "configs/callbacks/throughput.yaml")]
+    fit += ["-c", str(REPO_ROOT / "configs/callbacks/throughput.yaml"), "-c", TRACE]
     result = run_smarter(*fit, cwd=tmp_path, timeout=600, env=_env())
     assert result.returncode == 0, result.stderr[-3000:]
     seen = [line for rank in (0, 1) for line in (rows / f"rank{rank}.txt").read_text().split()]
@@ -65,6 +66,15 @@ def test_fit_on_two_processes_sees_each_sample_once_writes_one_checkpoint_and_ex
     run = next((tmp_path / "runs" / "tiny").glob("version_*"))
     checkpoints = list((run / "checkpoints").glob("*.ckpt"))
     assert len(checkpoints) == 1 and len(list((run / "export").iterdir())) == 1
+    # each process traced its own steps, into its own files (none overwritten by the other)
+    traces = sorted(path.name for path in (run / "kernel_trace").glob("*.pt.trace.json.gz"))
+    assert traces == ["train-cycle1-rank0.pt.trace.json.gz", "train-cycle1-rank1.pt.trace.json.gz"]
+    pids = []
+    for name in traces:
+        with gzip.open(run / "kernel_trace" / name) as trace:
+            events = json.load(trace)["traceEvents"]
+        pids.append({event["pid"] for event in events if isinstance(event.get("pid"), int)})
+    assert pids[0] and pids[1] and not pids[0] & pids[1], "both files hold the same process's trace"
     logged = scalars(run)
     assert (
         logged["perf/train/tokens_per_s"][-1][1]

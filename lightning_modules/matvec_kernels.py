@@ -293,6 +293,8 @@ def four_bit_matvec(
     each, itself 8-bit quantized when ``nested``); the codes are ``code16`` (float32 values of the fp16
     codes) and, on a GPU, the assembly of ``_CODES[table]`` with its register words ``tables`` (int32
     ``(2, 4)``: for bfloat16 and float16 x, ``dot_tables``); x is bfloat16 or float16. ``(n,)`` in x's dtype."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"four_bit_matvec takes bfloat16 or float16 x, not {x.dtype}")
     k = x.shape[0]
     y = torch.empty(n, dtype=x.dtype, device=x.device)
     rows, blocks, warps = FOUR_BIT_LAUNCH["rows"], FOUR_BIT_LAUNCH["blocks"], FOUR_BIT_LAUNCH["warps"]

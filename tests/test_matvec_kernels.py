@@ -218,22 +218,24 @@ def four_bit_interpreted(monkeypatch):
 
 
 @pytest.mark.parametrize("quant_type,nested", [("nf4", False), ("nf4", True), ("fp4", False)])
-def test_the_four_bit_kernel_gives_the_dequantized_product(four_bit_interpreted, quant_type, nested):
+@pytest.mark.parametrize("shape", [(40, 320), (32, 1024)])  # 5 blocks a row: a partial last tile / whole tiles
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+def test_the_four_bit_kernel_gives_the_dequantized_product(four_bit_interpreted, quant_type, nested, shape, x_dtype):
     bnb_functional = pytest.importorskip("bitsandbytes.functional")
     from lightning_modules.matvec_kernels import _four_bit_operands
 
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(40, 320, generator=generator)  # 5 blocks a row: a partial last tile
+    weight = torch.randn(*shape, generator=generator)
     packed, state = bnb_functional.quantize_4bit(
         weight, blocksize=64, quant_type=quant_type, compress_statistics=nested
     )
     layer = torch.nn.Module()
     layer.weight = type("Packed", (), {"data": packed, "quant_state": state})()
-    x = torch.randn(320, generator=generator)
+    x = torch.randn(shape[1], generator=generator).to(x_dtype)
     got = torch.ops.smarter.four_bit_matvec(x, **_four_bit_operands(layer))
-    want = bnb_functional.dequantize_4bit(packed, state).float() @ x
-    assert got.shape == (40,) and four_bit_interpreted == [1]
-    assert (got - want).norm() / want.norm() < 1e-3  # the codes in fp16: a few 1e-4
+    want = bnb_functional.dequantize_4bit(packed, state).float() @ x.float()
+    assert got.shape == (shape[0],) and got.dtype == x_dtype and four_bit_interpreted == [1]
+    assert (got.float() - want).norm() / want.norm() < 1e-2  # fp16 codes here, 16-bit output
 
 
 def test_the_routed_nf4_decode_step_gives_bitsandbytes_logits(interpreted, four_bit_interpreted):

@@ -126,7 +126,7 @@ class ThroughputMemoryCallback(StageCallback):
         if counters is None:
             return
         result: dict[str, float] = {"host_rss_gib": host_rss_gib()}
-        tokens, samples, flops, seconds, steps, wall = self._whole_run(trainer, pl_module, counters)
+        (tokens, samples, flops, seconds, steps, wall), every = self._whole_run(trainer, pl_module, counters)
         world = max(trainer.world_size, 1)
         if seconds > 0:
             result.update(
@@ -146,21 +146,26 @@ class ThroughputMemoryCallback(StageCallback):
             result["allocated_at_start_gib"] = self._start_allocated_gib  # weights and state before any batch
         result["timed_steps"] = float(steps)
         result["devices"] = float(world)
+        if world > 1:  # each process's own step and between-step times: where a process waits for another
+            for rank, (*_, rank_seconds, rank_steps, rank_wall) in enumerate(every):
+                result[f"step_time_ms_rank{rank}"] = 1000 * rank_seconds / max(rank_steps, 1)
+                result[f"between_steps_ms_rank{rank}"] = 1000 * (rank_wall - rank_seconds) / max(rank_steps, 1)
         self.summary[stage] = result
         self._log(trainer, {f"perf/{stage}/{k}": v for k, v in result.items()}, step=trainer.global_step)
 
     @staticmethod
     def _whole_run(trainer: L.Trainer, pl_module: L.LightningModule, counters: StageCounters):
         """(tokens, samples, FLOPs, seconds, steps, wall seconds) of the whole run: sums over processes, the
-        slowest process's times."""
+        slowest process's times; and the same six figures of each process."""
         wall = counters.seconds + counters.between_s
         mine = [counters.tokens, counters.samples, counters.flops, counters.seconds, counters.steps, wall]
         if trainer.world_size <= 1:
-            return mine
+            return mine, [mine]
         local = torch.tensor(mine, dtype=torch.float64, device=pl_module.device)
         every = trainer.strategy.all_gather(local).reshape(trainer.world_size, len(mine))  # (processes, 6)
         totals, slowest = every.sum(dim=0).tolist(), every.max(dim=0).values.tolist()
-        return [*totals[:3], *slowest[3:]]  # summed tokens, samples, FLOPs; the slowest seconds, steps, wall
+        # summed tokens, samples, FLOPs; the slowest seconds, steps, wall
+        return [*totals[:3], *slowest[3:]], every.tolist()
 
     def on_stage_batch_start(self, stage: Stage, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
         if stage not in self.counters:

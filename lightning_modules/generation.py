@@ -10,8 +10,8 @@ synchronized around the timed regions. Prefill keeps only the last position's lo
   so this is where its speed is.
 
 ``auto`` is ``dynamic``: the compiled step costs 30-45 s of compilation before the first token, which
-pays off only over many tokens. Asked for by name, it decoded the 7B shape at 213 tokens/s per prompt on
-an H200 (bf16; nf4 193), prompt read included, against 9-42 for transformers' ``generate``
+pays off only over many tokens. Asked for by name, it decoded the 7B shape at 219 tokens/s per prompt on
+an H200 (bf16; nf4 197-199), prompt read included, against 9-42 for transformers' ``generate``
 (BENCHMARKS.md).
 """
 
@@ -246,8 +246,8 @@ class StaticCacheDecoder:
             if len(self._prefill_graphs) >= self.PREFILL_GRAPHS:  # a rare length: read eagerly
                 return self._eager_read(input_ids)
             graph = self._capture_prefill(bucket, input_ids.device)
-            if graph is None:
-                return self.prefill(input_ids)  # graphs were turned off; read it eagerly
+            if graph is None:  # graphs are now off, and the cache was reset after the failed capture
+                return self._eager_read(input_ids)
             self._prefill_graphs[bucket] = graph
         graph.input_ids[:, :length].copy_(input_ids)
         graph.input_ids[:, length:].zero_()

@@ -82,6 +82,10 @@ def test_fit_on_two_processes_sees_each_sample_once_writes_one_checkpoint_and_ex
         if "perf/train/tokens_per_s" in logged
         else True
     )
+    # each process's own step time, the slowest of which is the run's
+    per_rank = [logged[f"perf/train/step_time_ms_rank{rank}"][-1][1] for rank in (0, 1)]
+    assert max(per_rank) == pytest.approx(logged["perf/train/step_time_ms"][-1][1], rel=1e-6)
+    assert all(logged[f"perf/train/between_steps_ms_rank{rank}"][-1][1] >= 0 for rank in (0, 1))
     fit_ppl = logged["val/ppl"][-1][1]  # validated on 2 processes at the end of the epoch
     (tmp_path / "check").mkdir()
     single = _val_ppl(tmp_path / "check", "--data.block_size", "256", "--ckpt_path", str(checkpoints[0]))

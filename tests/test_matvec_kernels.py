@@ -213,7 +213,10 @@ def four_bit_interpreted(monkeypatch):
         return real()
 
     monkeypatch.setattr(matvec_kernels, "_four_bit_kernel", counted)
+    # the interpreter's launch: 16 blocks of 64 a tile, whatever the shipped launch (the shapes below are
+    # chosen against it: a partial last tile and whole tiles)
     monkeypatch.setitem(matvec_kernels.FOUR_BIT_LAUNCH, "rows", 16)
+    monkeypatch.setitem(matvec_kernels.FOUR_BIT_LAUNCH, "blocks", 16)
     return launches
 
 
@@ -242,10 +245,16 @@ def test_the_routed_nf4_decode_step_gives_bitsandbytes_logits(interpreted, four_
     pytest.importorskip("bitsandbytes")
     from lightning_modules import ModelSpec, load_causal_lm
     from lightning_modules.generation import StaticCacheDecoder
+    from lightning_modules.model_building import LoraSettings
 
-    spec = ModelSpec(source="tiny", dtype="bfloat16", quantization="nf4")
+    # QLoRA's model as predict holds it after fine-tuning: adapters (trained: B not zero) over the 4-bit base
+    spec = ModelSpec(source="tiny", dtype="bfloat16", quantization="nf4", lora=LoraSettings(dropout=0.0))
     torch.manual_seed(0)
     model = load_causal_lm(spec, torch.device("cpu")).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
     prompt = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(1))
     token, position = prompt[:, -1:], torch.tensor([12])
 
@@ -256,6 +265,10 @@ def test_the_routed_nf4_decode_step_gives_bitsandbytes_logits(interpreted, four_
             return decoder.step(token, position)
 
     library = step_logits()
+    with model.disable_adapter():
+        without_adapters = step_logits()
+    # the adapters' share of the logits, far above the tolerances below
+    assert (without_adapters - library).norm() / library.norm() > 0.1
     float_only = step_logits(triton_matvec=True)
     assert four_bit_interpreted == []  # without four_bit_matvec the 4-bit layers keep bitsandbytes' kernel
     routed = step_logits(triton_matvec=True, four_bit_matvec=True)

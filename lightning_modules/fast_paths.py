@@ -10,7 +10,8 @@
   (every ``checkpoint_every``-th layer: less memory than none, less recomputation than all).
 - ``compile``: ``torch.compile`` each decoder layer (regional compilation: one compile serves all 32
   layers, and it composes with checkpointing and bitsandbytes 4-bit). ``layers-cudagraphs`` also
-  replays each compiled layer, forward and backward, as a CUDA graph (inductor's ``reduce-overhead``):
+  replays each compiled layer, forward and backward, as a CUDA graph (inductor's ``reduce-overhead``) in
+  training (evaluation runs the compiled layers without graphs: see ``compile_layers``):
   a 7B QLoRA step launches about 6,000 kernels and small ops (bitsandbytes' dequantization is a Python
   call each time), and on an H200 the host falls behind the GPU; a graph is one launch.
 - ``lora.compute``: the dtype LoRA adapters multiply in. peft keeps adapter weights in float32 over a
@@ -126,11 +127,27 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str, every: int
 
 
 def compile_layers(model: torch.nn.Module, cuda_graphs: bool = False) -> None:
-    """``torch.compile`` every decoder layer in place (the same code compiles once for all of them),
-    with ``cuda_graphs`` replayed as CUDA graphs."""
-    mode = "reduce-overhead" if cuda_graphs else None
+    """``torch.compile`` every decoder layer in place (the same code compiles once for all of them).
+
+    With ``cuda_graphs``, passes that build gradients (training) replay each layer as a CUDA graph, and
+    passes without them (validation, the sanity check, ``validate`` and ``test``) run the same compiled
+    code without graphs: inductor's graph trees give a graph's outputs the same memory at its next
+    replay, which in a pass without gradients is the next layer's call, while the residual stream still
+    reads the output it overwrites (transformers' Mistral fails with "accessing tensor output of
+    CUDAGraphs that has been overwritten"). In training, autograd keeps each replay's outputs alive.
+    """
     for layer in decoder_layers(model):
-        layer.compile(dynamic=False, mode=mode)
+        if not cuda_graphs:
+            layer.compile(dynamic=False)
+            continue
+        forward = layer.forward
+        graphed = torch.compile(forward, dynamic=False, mode="reduce-overhead")
+        plain = torch.compile(forward, dynamic=False)
+        layer.forward = functools.partial(_graphed_with_gradients, graphed, plain)
+
+
+def _graphed_with_gradients(graphed, plain, *args, **kwargs):
+    return graphed(*args, **kwargs) if torch.is_grad_enabled() else plain(*args, **kwargs)
 
 
 def _chunk_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

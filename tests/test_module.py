@@ -304,3 +304,33 @@ def test_which_layers_recompute_their_activations(mode, every, keep_last, expect
     layers = decoder_layers(module.model)
     assert len(layers) == 2
     assert [bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers] == expected
+
+
+def test_cuda_graphed_layers_replay_graphs_only_in_passes_that_build_gradients(monkeypatch):
+    """Graph trees reuse a graph's output memory at its next replay: without gradients that is the next
+    layer's call, so evaluation must run the compiled layers without graphs (checked on a GPU in
+    tests/test_gpu.py, where validation with graphed layers failed before)."""
+    from lightning_modules.fast_paths import compile_layers, decoder_layers
+
+    calls = []
+
+    def recording_compile(fn, dynamic=None, mode=None):
+        def compiled(*args, **kwargs):
+            calls.append(mode)
+            return fn(*args, **kwargs)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    module = MistralModule(source="tiny", dtype="float32")
+    module.configure_model()
+    compile_layers(module.model, cuda_graphs=True)
+    ids = torch.randint(0, 100, (1, 8))
+    with torch.no_grad():
+        evaluated = module.model(input_ids=ids).logits
+    layers = len(decoder_layers(module.model))
+    assert calls == [None] * layers
+    calls.clear()
+    trained = module.model(input_ids=ids).logits
+    assert calls == ["reduce-overhead"] * layers
+    assert torch.equal(trained.detach(), evaluated)  # the same layer code on either path

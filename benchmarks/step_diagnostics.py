@@ -4,13 +4,16 @@
   and prints what is alive at that batch's peak, grouped by allocation site (Python stack), and the
   gradient each FSDP flat parameter holds; with ``save_path`` the raw snapshot is kept (gzipped pickle);
 - ``PhaseTimer``: synchronized milliseconds per step of forward, backward, the optimizer and the time
-  between batches (first process), from the fifth batch on.
+  between batches (first process), from the fifth batch on;
+- ``GpuPhaseTimer``: the same phases timed on the GPU by CUDA events, on every process, without
+  synchronizing during training.
 
     smarter fit ... --trainer.callbacks+=benchmarks.step_diagnostics.MemorySnapshotStep
 """
 
 import collections
 import gzip
+import itertools
 import pickle
 import time
 
@@ -173,3 +176,67 @@ class PhaseTimer(L.Callback):
                 "[phase] rank0 ms/step: " + ", ".join(f"{k} {1000 * v / self.n:.1f}" for k, v in self.sums.items()),
                 flush=True,
             )
+
+
+class GpuPhaseTimer(L.Callback):
+    """GPU time of each phase of a training step, on every process, without synchronizing anything
+    during training (unlike ``PhaseTimer``): CUDA events recorded on the compute stream at the phase
+    boundaries, read once training ends. A phase that grows under DDP against one GPU's is where the
+    GPU waited (in the forward, for the token count's all-reduce; in the backward, for gradient
+    buckets; before the optimizer, for the last bucket). Prints one line per process.
+
+        smarter fit ... --trainer.callbacks+=benchmarks.step_diagnostics.GpuPhaseTimer
+    """
+
+    PHASES = ("between", "forward", "backward", "to_optimizer", "optimizer_and_end")
+
+    def __init__(self, skip: int = 4):
+        self.skip = skip
+        self.steps: list[list[torch.cuda.Event]] = []
+        self.current: list[torch.cuda.Event] | None = None
+
+    def _record(self) -> None:
+        if self.current is not None:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.current.append(event)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.current = [] if torch.cuda.is_available() and batch_idx >= self.skip else None
+        if self.current is not None:
+            self.steps.append(self.current)
+        self._record()
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self._record()
+
+    def on_after_backward(self, trainer, pl_module):
+        self._record()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._record()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._record()
+
+    def on_train_end(self, trainer, pl_module):
+        steps = [s for s in self.steps if len(s) == 5]
+        if not steps:
+            return
+        torch.cuda.synchronize()
+        sums = collections.defaultdict(float)
+        for previous, step in zip([None, *steps[:-1]], steps, strict=True):
+            if previous is not None:
+                sums["between"] += previous[-1].elapsed_time(step[0])
+            for name, (start, end) in zip(self.PHASES[1:], itertools.pairwise(step), strict=True):
+                sums[name] += start.elapsed_time(end)
+        sums["between"] /= max(1, len(steps) - 1)
+        for name in self.PHASES[1:]:
+            sums[name] /= len(steps)
+        total = sum(sums.values())
+        print(
+            f"[gpu-phase] rank {trainer.global_rank} ms/step over {len(steps)} steps: "
+            + ", ".join(f"{name} {sums[name]:.1f}" for name in self.PHASES)
+            + f", total {total:.1f}",
+            flush=True,
+        )

@@ -5,16 +5,19 @@ are read. For one row, the compiled step otherwise calls cuBLAS through inductor
 each weight row once, multiplies in float32 and sums (on an H200 a 7B layer's seven products take
 113.8 us against cuBLAS's 134.8, BENCHMARKS.md).
 
-``use_triton_matvec(model)`` prepares every plain ``nn.Linear`` of a model (the LoRA matrices included;
-bitsandbytes layers keep their own kernels) to take it for inputs of one row, inside
-``triton_matvec_routing()`` only (the static decoder's step): more rows (prefill, training) and every
-call outside go through torch as before. The kernel is a ``torch.library`` operator, so a compiled
-decode step calls it inside its CUDA graph. On a CPU (tests) Triton's interpreter runs it when
-``TRITON_INTERPRET=1``.
+``use_triton_matvec(model)`` prepares every plain ``nn.Linear`` of a model (the LoRA matrices included)
+to take it for inputs of one row, inside ``triton_matvec_routing()`` only (the static decoder's step):
+more rows (prefill, training) and every call outside go through torch as before. The kernels are
+``torch.library`` operators, so a compiled decode step calls them inside its CUDA graph. On a CPU
+(tests) Triton's interpreter runs them when ``TRITON_INTERPRET=1``.
 
-bitsandbytes' 4-bit one-row kernel (``gemm_4bit_simt``) is the larger part of an NF4 step (4.1 of
-4.8 ms on the 7B: 0.86 TB/s). Two Triton NF4 kernels of this project with a code look-up per nibble
-were slower still (0.37 and 0.59 TB/s) and are not shipped.
+With ``four_bit=True`` bitsandbytes' 4-bit layers (NF4 or FP4, blocks of 64) take ``four_bit_matvec``,
+whose inline assembly decodes each 32-bit word of eight codes in registers and sums with packed 16-bit
+fused multiply-adds: a 7B layer's seven products in 94 us on an H200 against 126 for bitsandbytes'
+``gemv_4bit`` (nf4 decode 261 tokens/s against 198). The assembly is NVIDIA's (PTX, bf16x2 arithmetic
+from compute capability 8.0); elsewhere (older or non-NVIDIA GPUs) the 4-bit layers keep bitsandbytes'
+kernel. Three earlier designs, a code look-up per nibble (0.37 and 0.59 TB/s) and register decoding
+without the packed sums (0.85), were slower than bitsandbytes and are not shipped.
 """
 
 from __future__ import annotations
@@ -316,10 +319,22 @@ def _(x, words, absmax, absmax2, code2, code16, tables, offset, n, nested, block
     return x.new_empty(n)
 
 
+def four_bit_assembly_runs_on(device: torch.device) -> bool:
+    """The 4-bit kernel's inline PTX compiles for ``device``: an NVIDIA GPU of compute capability 8.0 or
+    later (packed bf16 arithmetic), or a CPU, where Triton's interpreter runs it (tests)."""
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda" or torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def _four_bit_operands(layer: torch.nn.Module) -> dict[str, Any] | None:
     """The kernel's operands for a bitsandbytes 4-bit layer, or None where the kernel does not apply."""
     state = getattr(layer.weight, "quant_state", None)
     if state is None or state.blocksize != 64 or len(state.shape) != 2 or state.shape[1] % 64:
+        return None
+    if not four_bit_assembly_runs_on(state.absmax.device):
         return None
     nested = bool(getattr(state, "nested", False))
     if nested and state.state2.blocksize < 1:
@@ -366,8 +381,9 @@ def _is_bitsandbytes_four_bit(layer: torch.nn.Module) -> bool:
 
 def use_triton_matvec(model: torch.nn.Module, four_bit: bool = False) -> int:
     """Prepare every plain ``nn.Linear`` of ``model`` with floating-point weights (and with ``four_bit`` every
-    bitsandbytes 4-bit layer of blocks of 64) to send one-row inputs to the Triton kernels inside
-    ``triton_matvec_routing()``; returns how many layers are prepared."""
+    bitsandbytes 4-bit layer of blocks of 64, on a device where ``four_bit_assembly_runs_on``) to send
+    one-row inputs to the Triton kernels inside ``triton_matvec_routing()``; returns how many layers are
+    prepared."""
     prepared = 0
     for layer in model.modules():
         if type(layer) is torch.nn.Linear and layer.weight.dtype.is_floating_point:

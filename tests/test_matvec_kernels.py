@@ -277,3 +277,25 @@ def test_the_routed_nf4_decode_step_gives_bitsandbytes_logits(interpreted, four_
     assert (float_only - library).norm() / library.norm() < 2e-2
     assert (routed - library).norm() / library.norm() < 2e-2
     assert (routed - float_only).norm() / library.norm() < 2e-2
+
+
+def test_the_four_bit_kernel_is_used_only_where_its_assembly_compiles(monkeypatch):
+    """Its PTX needs an NVIDIA GPU of compute capability 8.0 or later; elsewhere bitsandbytes' kernel stays."""
+    from lightning_modules import matvec_kernels
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.version, "hip", None)
+    for capability, runs in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert matvec_kernels.four_bit_assembly_runs_on(cuda) is runs, capability
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # a ROCm build: its "cuda" devices are AMD's
+    assert not matvec_kernels.four_bit_assembly_runs_on(cuda)
+    assert matvec_kernels.four_bit_assembly_runs_on(torch.device("cpu"))  # Triton's interpreter
+
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    packed, state = bnb_functional.quantize_4bit(torch.randn(64, 128), blocksize=64, quant_type="nf4")
+    layer = torch.nn.Module()
+    layer.weight = type("Packed", (), {"data": packed, "quant_state": state})()
+    assert matvec_kernels._four_bit_operands(layer) is not None
+    monkeypatch.setattr(matvec_kernels, "four_bit_assembly_runs_on", lambda device: False)
+    assert matvec_kernels._four_bit_operands(layer) is None  # use_triton_matvec then leaves the layer alone

@@ -216,7 +216,6 @@ def decode_run(config: str, source: str, new_tokens: int, extra: list[str]) -> d
         max_cache_len=-(-longest // 128) * 128,
         compiled=decoder_kind != "dynamic",
         triton_matvec=matvec == "triton",
-        four_bit_matvec=matvec == "triton",
     )
     for _ in range(2):  # warm-up on the real shapes: the longest prompt (compiles the step)
         generate_timed(model, max(prompts, key=lambda p: p.shape[1]), settings, static_decoder=decoder)

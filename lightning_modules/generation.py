@@ -172,9 +172,10 @@ class StaticCacheDecoder:
         compiled: Compile the one-token step with CUDA graphs (GPU only).
         triton_matvec: The step's matrix-vector products with float weights, and its attention, run in
             this framework's Triton kernels.
-        four_bit_matvec: With ``triton_matvec``, bitsandbytes' 4-bit layers (blocks of 64) too, in the
-            kernel that decodes nibbles in registers (7B nf4 on an H200: 261 tokens/s per prompt against
-            198 with bitsandbytes' kernel; a layer's seven products in 94 us against 126).
+        four_bit_matvec: With ``triton_matvec``, bitsandbytes' 4-bit layers (blocks of 64) too, in the kernel
+            that decodes nibbles in registers (7B nf4 on an H200: 261 tokens/s per prompt against 198 with
+            bitsandbytes' kernel; a layer's seven products in 94 us against 126). False keeps bitsandbytes'
+            kernel for them.
     """
 
     PREFILL_BUCKET = 32  # prompts are padded to a multiple of this many positions for the prefill graphs
@@ -191,7 +192,7 @@ class StaticCacheDecoder:
         max_cache_len: int,
         compiled: bool,
         triton_matvec: bool = False,
-        four_bit_matvec: bool = False,
+        four_bit_matvec: bool = True,
     ) -> None:
         from transformers import StaticCache
 

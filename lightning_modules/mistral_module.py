@@ -359,7 +359,6 @@ class MistralModule(L.LightningModule):
                 cache_len,
                 compiled=kind == "static-compiled",
                 triton_matvec=matvec == "triton",
-                four_bit_matvec=matvec == "triton",
             )
         for _ in range(self.generation.warmup):
             generate_timed(self.model, longest, self.generation, static_decoder=self.static_decoder)

@@ -269,9 +269,9 @@ def test_the_routed_nf4_decode_step_gives_bitsandbytes_logits(interpreted, four_
         without_adapters = step_logits()
     # the adapters' share of the logits, far above the tolerances below
     assert (without_adapters - library).norm() / library.norm() > 0.1
-    float_only = step_logits(triton_matvec=True)
-    assert four_bit_interpreted == []  # without four_bit_matvec the 4-bit layers keep bitsandbytes' kernel
-    routed = step_logits(triton_matvec=True, four_bit_matvec=True)
+    float_only = step_logits(triton_matvec=True, four_bit_matvec=False)
+    assert four_bit_interpreted == []  # the 4-bit layers kept bitsandbytes' kernel
+    routed = step_logits(triton_matvec=True)  # the 4-bit layers too, by default
     assert len(four_bit_interpreted) == model.config.num_hidden_layers * 7  # every projection, the prefill none
     # bf16 activations: each product rounds to bf16 on either path (relative 4e-3 a value)
     assert (float_only - library).norm() / library.norm() < 2e-2

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from types import SimpleNamespace
 
 import torch
 
@@ -43,8 +42,7 @@ def main() -> None:
             packed, state = bnb_functional.quantize_4bit(
                 weight, blocksize=64, quant_type="nf4", compress_statistics=True
             )
-            layer = SimpleNamespace(weight=SimpleNamespace(data=packed, quant_state=state))
-            items.append((xs[k], packed, state, matvec_kernels._four_bit_operands(layer)))
+            items.append((xs[k], packed, state, matvec_kernels.four_bit_operands(packed, state)))
 
     for x, packed, state, operands in items[:: 2 * LAYERS]:
         want = bnb_functional.dequantize_4bit(packed, state).float() @ x.float()

@@ -329,9 +329,17 @@ def four_bit_assembly_runs_on(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def _four_bit_operands(layer: torch.nn.Module) -> dict[str, Any] | None:
-    """The kernel's operands for a bitsandbytes 4-bit layer, or None where the kernel does not apply."""
-    state = getattr(layer.weight, "quant_state", None)
+@functools.cache
+def _table_words(table: int, device: torch.device) -> torch.Tensor:
+    """``dot_tables`` of code table ``table`` for bfloat16 and for float16 x: int32 ``(2, 4)`` on ``device``,
+    one tensor shared by every layer with that code."""
+    code = list(_CODES[table])
+    return torch.tensor([dot_tables(code, "bfloat16"), dot_tables(code, "float16")], dtype=torch.int32, device=device)
+
+
+def four_bit_operands(packed: torch.Tensor, state: Any) -> dict[str, Any] | None:
+    """``four_bit_matvec``'s operands for bitsandbytes 4-bit weights (``packed``, its packed bytes in any
+    storage dtype, and their ``QuantState``), or None where the kernel does not apply."""
     if state is None or state.blocksize != 64 or len(state.shape) != 2 or state.shape[1] % 64:
         return None
     if not four_bit_assembly_runs_on(state.absmax.device):
@@ -343,16 +351,12 @@ def _four_bit_operands(layer: torch.nn.Module) -> dict[str, Any] | None:
     table = next((key for key, known in _CODES.items() if known == code), len(_CODES))
     _CODES.setdefault(table, code)
     return dict(
-        words=layer.weight.data.view(torch.uint8).reshape(-1).view(torch.int32),
+        words=packed.view(torch.uint8).reshape(-1).view(torch.int32),
         absmax=state.absmax,
         absmax2=state.state2.absmax if nested else state.absmax,
         code2=(state.state2.code if nested else state.code).float(),
         code16=state.code.to(torch.float16).float(),
-        tables=torch.tensor(
-            [dot_tables(list(code), "bfloat16"), dot_tables(list(code), "float16")],
-            dtype=torch.int32,
-            device=state.absmax.device,
-        ),
+        tables=_table_words(table, state.absmax.device),
         offset=float(state.offset) if nested else 0.0,
         n=state.shape[0],
         nested=nested,
@@ -379,10 +383,10 @@ def _is_bitsandbytes_four_bit(layer: torch.nn.Module) -> bool:
     return cls.__name__ == "Linear4bit" and cls.__module__.split(".")[0] == "bitsandbytes"
 
 
-def use_triton_matvec(model: torch.nn.Module, four_bit: bool = False) -> int:
-    """Prepare every plain ``nn.Linear`` of ``model`` with floating-point weights (and with ``four_bit`` every
-    bitsandbytes 4-bit layer of blocks of 64, on a device where ``four_bit_assembly_runs_on``) to send
-    one-row inputs to the Triton kernels inside ``triton_matvec_routing()``; returns how many layers are
+def use_triton_matvec(model: torch.nn.Module, four_bit: bool = True) -> int:
+    """Prepare every plain ``nn.Linear`` of ``model`` with floating-point weights (and unless ``four_bit`` is
+    False every bitsandbytes 4-bit layer of blocks of 64, on a device where ``four_bit_assembly_runs_on``) to
+    send one-row inputs to the Triton kernels inside ``triton_matvec_routing()``; returns how many layers are
     prepared."""
     prepared = 0
     for layer in model.modules():
@@ -393,7 +397,7 @@ def use_triton_matvec(model: torch.nn.Module, four_bit: bool = False) -> int:
             prepared += 1
         elif four_bit and _is_bitsandbytes_four_bit(layer):
             if getattr(layer, "_smarter_four_bit", None) is None:
-                operands = _four_bit_operands(layer)
+                operands = four_bit_operands(layer.weight.data, getattr(layer.weight, "quant_state", None))
                 if operands is None:
                     continue  # other block sizes keep bitsandbytes' kernel
                 layer._smarter_four_bit = operands

@@ -355,10 +355,7 @@ class MistralModule(L.LightningModule):
             cache_len = min(cache_len, self.max_positions)
             matvec = resolve_matvec(self.generation.matvec, kind, self.device)
             self.static_decoder = StaticCacheDecoder(
-                self.model,
-                cache_len,
-                compiled=kind == "static-compiled",
-                triton_matvec=matvec == "triton",
+                self.model, cache_len, compiled=kind == "static-compiled", triton_matvec=matvec == "triton"
             )
         for _ in range(self.generation.warmup):
             generate_timed(self.model, longest, self.generation, static_decoder=self.static_decoder)

@@ -71,7 +71,7 @@ def count_calls(monkeypatch, owner, name: str) -> list[int]:
     return calls
 
 
-def decode_step_logits(model, prompt, triton_matvec: bool):
+def decode_step_logits(model, prompt, triton_matvec: bool, four_bit_matvec: bool = True):
     """Logits of the eager static-cache decoder's first step after reading ``prompt`` ``(1, n)``: its last
     token again, at position n."""
     import torch
@@ -79,7 +79,9 @@ def decode_step_logits(model, prompt, triton_matvec: bool):
     from lightning_modules.generation import StaticCacheDecoder
 
     length = prompt.shape[1]
-    decoder = StaticCacheDecoder(model, max_cache_len=length + 20, compiled=False, triton_matvec=triton_matvec)
+    decoder = StaticCacheDecoder(
+        model, max_cache_len=length + 20, compiled=False, triton_matvec=triton_matvec, four_bit_matvec=four_bit_matvec
+    )
     with torch.inference_mode():
         decoder.prefill(prompt)
         return decoder.step(prompt[:, -1:], torch.tensor([length])).float()

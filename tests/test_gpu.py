@@ -148,17 +148,15 @@ def test_prompts_of_several_lengths_read_by_graphs_give_the_eager_reads_logits_o
 def test_the_four_bit_kernel_compiles_and_gives_the_dequantized_product_on_gpu(nested, x_dtype):
     import bitsandbytes.functional as bnb_functional
 
-    from lightning_modules.matvec_kernels import _four_bit_operands
+    from lightning_modules.matvec_kernels import four_bit_operands
 
     torch.manual_seed(0)
     for n, k in ((4096, 4096), (1024, 14336), (40, 320)):
         packed, state = bnb_functional.quantize_4bit(
             torch.randn(n, k, device="cuda", dtype=torch.bfloat16), quant_type="nf4", compress_statistics=nested
         )
-        layer = torch.nn.Module()
-        layer.weight = type("Packed", (), {"data": packed, "quant_state": state})()
         x = torch.randn(k, device="cuda", dtype=x_dtype)
-        got = torch.ops.smarter.four_bit_matvec(x, **_four_bit_operands(layer)).float()
+        got = torch.ops.smarter.four_bit_matvec(x, **four_bit_operands(packed, state)).float()
         want = bnb_functional.dequantize_4bit(packed, state).float() @ x.float()
         assert (got - want).norm() / want.norm() < 1e-2, (n, k)
 

@@ -205,14 +205,7 @@ def test_the_dot_assembly_sums_each_weights_code_times_its_x(quant_type, x_dtype
 def four_bit_interpreted(monkeypatch):
     from lightning_modules import matvec_kernels
 
-    launches = []
-    real = matvec_kernels._four_bit_kernel
-
-    def counted():
-        launches.append(1)
-        return real()
-
-    monkeypatch.setattr(matvec_kernels, "_four_bit_kernel", counted)
+    launches = count_calls(monkeypatch, matvec_kernels, "_four_bit_kernel")
     # the interpreter's launch: 16 blocks of 64 a tile, whatever the shipped launch (the shapes below are
     # chosen against it: a partial last tile and whole tiles)
     monkeypatch.setitem(matvec_kernels.FOUR_BIT_LAUNCH, "rows", 16)
@@ -225,17 +218,15 @@ def four_bit_interpreted(monkeypatch):
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
 def test_the_four_bit_kernel_gives_the_dequantized_product(four_bit_interpreted, quant_type, nested, shape, x_dtype):
     bnb_functional = pytest.importorskip("bitsandbytes.functional")
-    from lightning_modules.matvec_kernels import _four_bit_operands
+    from lightning_modules.matvec_kernels import four_bit_operands
 
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(*shape, generator=generator)
     packed, state = bnb_functional.quantize_4bit(
         weight, blocksize=64, quant_type=quant_type, compress_statistics=nested
     )
-    layer = torch.nn.Module()
-    layer.weight = type("Packed", (), {"data": packed, "quant_state": state})()
     x = torch.randn(shape[1], generator=generator).to(x_dtype)
-    got = torch.ops.smarter.four_bit_matvec(x, **_four_bit_operands(layer))
+    got = torch.ops.smarter.four_bit_matvec(x, **four_bit_operands(packed, state))
     want = bnb_functional.dequantize_4bit(packed, state).float() @ x.float()
     assert got.shape == (shape[0],) and got.dtype == x_dtype and four_bit_interpreted == [1]
     assert (got.float() - want).norm() / want.norm() < 1e-2  # fp16 codes here, 16-bit output
@@ -244,7 +235,6 @@ def test_the_four_bit_kernel_gives_the_dequantized_product(four_bit_interpreted,
 def test_the_routed_nf4_decode_step_gives_bitsandbytes_logits(interpreted, four_bit_interpreted):
     pytest.importorskip("bitsandbytes")
     from lightning_modules import ModelSpec, load_causal_lm
-    from lightning_modules.generation import StaticCacheDecoder
     from lightning_modules.model_building import LoraSettings
 
     # QLoRA's model as predict holds it after fine-tuning: adapters (trained: B not zero) over the 4-bit base
@@ -256,13 +246,9 @@ def test_the_routed_nf4_decode_step_gives_bitsandbytes_logits(interpreted, four_
             if "lora_B" in name:
                 parameter.normal_(0, 0.05)
     prompt = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(1))
-    token, position = prompt[:, -1:], torch.tensor([12])
 
-    def step_logits(**routing) -> torch.Tensor:
-        decoder = StaticCacheDecoder(model, max_cache_len=32, compiled=False, **routing)
-        with torch.inference_mode():
-            decoder.prefill(prompt)
-            return decoder.step(token, position)
+    def step_logits(triton_matvec: bool = False, four_bit_matvec: bool = True) -> torch.Tensor:
+        return decode_step_logits(model, prompt, triton_matvec, four_bit_matvec)
 
     library = step_logits()
     with model.disable_adapter():
@@ -294,8 +280,6 @@ def test_the_four_bit_kernel_is_used_only_where_its_assembly_compiles(monkeypatc
 
     bnb_functional = pytest.importorskip("bitsandbytes.functional")
     packed, state = bnb_functional.quantize_4bit(torch.randn(64, 128), blocksize=64, quant_type="nf4")
-    layer = torch.nn.Module()
-    layer.weight = type("Packed", (), {"data": packed, "quant_state": state})()
-    assert matvec_kernels._four_bit_operands(layer) is not None
+    assert matvec_kernels.four_bit_operands(packed, state) is not None
     monkeypatch.setattr(matvec_kernels, "four_bit_assembly_runs_on", lambda device: False)
-    assert matvec_kernels._four_bit_operands(layer) is None  # use_triton_matvec then leaves the layer alone
+    assert matvec_kernels.four_bit_operands(packed, state) is None  # use_triton_matvec then leaves the layer alone

@@ -225,7 +225,9 @@ class GpuPhaseTimer(L.Callback):
             return
         torch.cuda.synchronize()
         sums = collections.defaultdict(float)
+        totals = []  # each step's first to last event: the spread shows waits that come and go
         for previous, step in zip([None, *steps[:-1]], steps, strict=True):
+            totals.append(step[0].elapsed_time(step[-1]))
             if previous is not None:
                 sums["between"] += previous[-1].elapsed_time(step[0])
             for name, (start, end) in zip(self.PHASES[1:], itertools.pairwise(step), strict=True):
@@ -237,6 +239,7 @@ class GpuPhaseTimer(L.Callback):
         print(
             f"[gpu-phase] rank {trainer.global_rank} ms/step over {len(steps)} steps: "
             + ", ".join(f"{name} {sums[name]:.1f}" for name in self.PHASES)
-            + f", total {total:.1f}",
+            + f", total {total:.1f}; step min {min(totals):.1f} median {sorted(totals)[len(totals) // 2]:.1f}"
+            + f" max {max(totals):.1f}",
             flush=True,
         )

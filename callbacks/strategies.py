@@ -111,3 +111,12 @@ class MistralDDPStrategy(DDPStrategy):
         buffers = "forward_sync_buffers" if "forward_sync_buffers" in _ddp_parameters() else "broadcast_buffers"
         kwargs.setdefault(buffers, False)
         super().__init__(static_graph=static_graph, gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """DDP built on the stream the training steps run on. Lightning (2.6) builds it on a new side stream;
+        DDP holds each parameter's gradient-accumulation node from then on, and torch runs that node on the
+        stream it was made on, so every adapter gradient of every step crossed from the compute stream to
+        the side stream and back (torch warns: "The AccumulateGrad node's stream does not match ...")."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module=model, device_ids=self.determine_ddp_device_ids(), **self._ddp_kwargs)

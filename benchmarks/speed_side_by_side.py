@@ -162,7 +162,9 @@ def smarter_run(
         args += ["--data.block_size", "64"]
     args += extra
     if kind == "fit":
-        args += ["--trainer.max_steps", str(warmup + steps), "--trainer.limit_val_batches", "0"]
+        # as many steps on any number of GPUs: the recipe's epoch count would end a 2-GPU run at half the steps
+        args += ["--trainer.max_steps", str(warmup + steps), "--trainer.max_epochs", "-1"]
+        args += ["--trainer.limit_val_batches", "0"]
     else:
         args += ["--trainer.limit_val_batches", str(warmup + steps)]
     cli = build_cli(args, run=False)

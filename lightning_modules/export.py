@@ -13,6 +13,7 @@ from), and every model folder is a valid ``model.source``. Folders are written a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -64,8 +65,64 @@ def _check_finite(named_parameters, what: str) -> None:
             raise ConfigError(f"refusing to export {what}: {name} holds non-finite values (the run diverged).")
 
 
+# the attribute under which a wrapper module holds the module it wraps: an FSDP unit, activation checkpointing
+WRAPPED_MODULE_ATTRIBUTES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def _wrapped_by(module: torch.nn.Module) -> torch.nn.Module | None:
+    for attribute in WRAPPED_MODULE_ATTRIBUTES:
+        inner = module._modules.get(attribute)
+        if inner is not None:
+            return inner
+    return None
+
+
+@contextlib.contextmanager
+def wrappers_lifted(model: torch.nn.Module):
+    """For the duration, every wrapper inside ``model`` stands aside: its parent holds the wrapped module
+    itself, so names are the model's own. Under FSDP each decoder layer and adapter matrix is a unit whose
+    parameters are named ``..._fsdp_wrapped_module...``; PEFT finds its layers by module names and drops
+    the weights it cannot place, so an adapter saved through the wrappers came out empty. (Under FSDP:
+    inside ``summon_full_params``, where each parameter holds its whole tensor.)"""
+    lifted = []
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            inner = child
+            while inner is not None and (deeper := _wrapped_by(inner)) is not None:
+                inner = deeper
+            if inner is not child:
+                lifted.append((parent, name, child))
+                parent._modules[name] = inner
+    try:
+        yield model
+    finally:
+        for parent, name, child in reversed(lifted):
+            parent._modules[name] = child
+
+
+def adapter_weights(model) -> dict[str, torch.Tensor]:
+    """Every trainable weight of a peft-wrapped ``model`` by name (copies)."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _check_written_adapter(folder: Path, weights: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """The folder holds every trained weight, under the name PEFT loads it by, with its values."""
+    from safetensors.torch import load_file
+
+    written = load_file(str(folder / "adapter_model.safetensors"))
+    expected = {name.replace(f".{adapter_name}", ""): tensor for name, tensor in weights.items() if "lora_" in name}
+    missing = sorted(set(expected) - set(written))
+    wrong = [n for n in sorted(set(expected) & set(written)) if not torch.equal(written[n].cpu(), expected[n].cpu())]
+    if missing or wrong or not expected:
+        raise RuntimeError(
+            f"the adapter export is incomplete ({len(missing)} of {len(expected)} weights missing, e.g. "
+            f"{(missing or wrong or ['none trainable'])[:2]}; {len(wrong)} differ); nothing was written"
+        )
+
+
 def export_adapter(model, spec: ModelSpec, folder: Path, **extra: Any) -> Path:
-    """Write the LoRA adapter of a peft-wrapped ``model`` as a PEFT folder."""
+    """Write the LoRA adapter of a peft-wrapped ``model`` as a PEFT folder (checked against the model's
+    trained weights before it appears)."""
     if spec.lora is None:
         raise ConfigError("this model has no LoRA adapter to export; export its whole model instead.")
     _check_finite([(n, p) for n, p in model.named_parameters() if p.requires_grad], "the adapter")
@@ -73,9 +130,11 @@ def export_adapter(model, spec: ModelSpec, folder: Path, **extra: Any) -> Path:
     saved_reference = config.base_model_name_or_path
     config.base_model_name_or_path = base_reference(spec)
     try:
-        with atomic_path(folder) as staging:
+        with wrappers_lifted(model), atomic_path(folder) as staging:
+            weights = adapter_weights(model)
             # no embedding layers train, and "auto" would look the base up on the hub
             model.save_pretrained(staging, save_embedding_layers=False)
+            _check_written_adapter(staging, weights, "default")
             equals = f"a LoRA adapter (r {spec.lora.r}) for the {spec.quantization} base {base_reference(spec)}"
             _write_common(staging, spec, _provenance(spec, "adapter", equals, **extra))
     finally:
@@ -184,9 +243,10 @@ def _save_model_folder(model: torch.nn.Module, spec: ModelSpec, folder: Path, pr
 def export_trained_model(model, spec: ModelSpec, folder: Path, merged: bool = False, **extra: Any) -> list[Path]:
     """Everything a trained model exports to, under ``folder``: ``adapter/`` (and ``merged/``), or ``model/``."""
     folder = Path(folder)
-    if spec.lora is None:
-        return [export_full_model(model, spec, folder / "model", **extra)]
-    written = [export_adapter(model, spec, folder / "adapter", **extra)]
-    if merged:
-        written.append(export_merged(model, spec, folder / "merged", **extra))
-    return written
+    with wrappers_lifted(model):
+        if spec.lora is None:
+            return [export_full_model(model, spec, folder / "model", **extra)]
+        written = [export_adapter(model, spec, folder / "adapter", **extra)]
+        if merged:
+            written.append(export_merged(model, spec, folder / "merged", **extra))
+        return written

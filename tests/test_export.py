@@ -11,7 +11,13 @@ import torch
 
 from helpers import QUIET, TINY, cpu_trainer
 from lightning_modules import LoraSettings, MistralModule, ModelSpec, load_causal_lm, load_tokenizer
-from lightning_modules.export import PROVENANCE_FILE, export_trained_model
+from lightning_modules.export import (
+    PROVENANCE_FILE,
+    _check_written_adapter,
+    adapter_weights,
+    export_adapter,
+    export_trained_model,
+)
 from smarter.cli import main
 
 IDS = torch.randint(3, 32000, (2, 48), generator=torch.Generator().manual_seed(0))
@@ -77,6 +83,70 @@ def test_adapter_and_merged_folders_round_trip_through_plain_peft_and_transforme
         "Fifteen men on the dead man's chest"
     )
     assert tokenizer.token_byte_lengths() == load_tokenizer().token_byte_lengths()
+
+
+class _UnitWrapper(torch.nn.Module):
+    """Holds a module one level down under FSDP's attribute name, as each FSDP unit does (a CPU stand-in)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self._fsdp_wrapped_module = inner
+
+    def __getattr__(self, name: str):  # attributes of the wrapped module show through, as FSDP's do
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._fsdp_wrapped_module, name)
+
+    def forward(self, *args, **kwargs):
+        return self._fsdp_wrapped_module(*args, **kwargs)
+
+
+def _tiny_lora_with_trained_looking_adapters():
+    spec = ModelSpec(source="tiny", dtype="float32", lora=LoraSettings(r=4, alpha=8))
+    model = load_causal_lm(spec).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # zero when built: as training leaves them instead
+                param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+    return spec, model
+
+
+def test_an_adapter_under_wrapped_module_names_exports_every_trained_weight(tmp_path):
+    """Under FSDP each decoder layer and adapter matrix is a unit, and parameter names gain
+    ``_fsdp_wrapped_module.``; the export once wrote such names, which PEFT then did not find (it loaded
+    the untrained adapter with a warning). The export reads clean names from the parameters."""
+    from peft import PeftModel
+
+    spec, model = _tiny_lora_with_trained_looking_adapters()
+    trained = _logits(model)
+    layers = model.base_model.model.model.layers
+    for index in range(len(layers)):
+        layers[index] = _UnitWrapper(layers[index])
+    for module in list(model.modules()):
+        for table in (getattr(module, "lora_A", None), getattr(module, "lora_B", None)):
+            if isinstance(table, torch.nn.ModuleDict):
+                for key in list(table):
+                    table[key] = _UnitWrapper(table[key])
+    assert _relative_error(_logits(model), trained) < 1e-6
+    assert any("lora_B.default._fsdp_wrapped_module" in name for name, _ in model.named_parameters())
+
+    folder = export_adapter(model, spec, tmp_path / "adapter")
+    base = load_causal_lm(ModelSpec(source="tiny", dtype="float32")).eval()
+    assert _relative_error(_logits(PeftModel.from_pretrained(base, folder).eval()), trained) < 1e-6
+
+
+def test_the_adapter_export_check_refuses_a_missing_or_changed_weight(tmp_path):
+    spec, model = _tiny_lora_with_trained_looking_adapters()
+    folder = export_adapter(model, spec, tmp_path / "adapter")
+    weights = adapter_weights(model)
+    _check_written_adapter(folder, weights, "default")
+    name = next(n for n in weights if "lora_A" in n)
+    with pytest.raises(RuntimeError, match="1 of .* weights missing"):
+        _check_written_adapter(folder, {**weights, name.replace("layers.0.", "layers.7."): weights[name]}, "default")
+    with pytest.raises(RuntimeError, match="1 differ"):
+        _check_written_adapter(folder, {**weights, name: weights[name] + 1}, "default")
 
 
 def test_a_full_fine_tune_exports_its_whole_model_and_it_is_a_valid_source(tmp_path, monkeypatch, book_path, capsys):

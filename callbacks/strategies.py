@@ -2,8 +2,9 @@
 
 ``MistralDDPStrategy`` is Lightning's DDP set up for adapter training: the graph is declared static
 (every adapter trains at every step, so DDP skips its per-step search for unused parameters and
-rebuilds no bucket), gradients live in DDP's buckets (no copy into them), and the all-reduce may carry
-them in bfloat16 (half the bytes; each process's float32 gradients are rounded before averaging).
+rebuilds no bucket), gradients live in DDP's buckets (no copy into them), the all-reduce may carry
+them in bfloat16 (half the bytes; each process's float32 gradients are rounded before averaging), and
+DDP is built on the compute stream (Lightning's side stream made every gradient cross streams).
 
 ``MistralFSDPStrategy`` is Lightning's FSDP set up for a Mistral with LoRA, the base quantized or not:
 each decoder layer is its own FSDP unit, and so is each trainable adapter matrix, so that a layer's

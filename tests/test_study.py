@@ -76,6 +76,18 @@ def test_the_report_table_bolds_the_best_value_of_each_column_and_explains_failu
     assert rows["int8-eager"].startswith("| int8-eager | failed: out of memory")
 
 
+def test_the_decode_plots_show_each_variants_fastest_decoder_which_the_rule_ranks_by(tmp_path, monkeypatch):
+    from smarter.study import report
+
+    drawn = {}
+    monkeypatch.setattr(report, "_bar_chart", lambda plt, results, key, *rest: drawn.setdefault(key, results))
+    slow_loop_fast_decoder = _result("nf4-sdpa", 10.4, 33.0, 4.9, fast_decode_tokens_per_s=263.0)
+    report.write_plots([FABRICATED[0], slow_loop_fast_decoder], tmp_path)
+    assert "best_decode_tokens_per_s" in drawn and "decode_tokens_per_s" not in drawn
+    assert [r.value("best_decode_tokens_per_s") for r in drawn["best_decode_tokens_per_s"]] == [40.0, 263.0]
+    assert choose_best([FABRICATED[0], slow_loop_fast_decoder], "bf16-sdpa", 0.05)[0].variant == "nf4-sdpa"
+
+
 def test_results_round_trip_through_json():
     original = _result("nf4-sdpa", 10.0, 45.0, 4.0, top_kernels=[KernelShare("gemm", 1.5, 3, 0.4)])
     restored = VariantResult.from_dict(json.loads(json.dumps(original.to_dict())))

@@ -192,13 +192,13 @@ def _speed_quality_chart(plt, results: list[VariantResult], path: Path) -> None:
     markers = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for index, r in enumerate(results):
-        speed, quality = r.value("decode_tokens_per_s"), r.value(quality_key)
+        speed, quality = r.value("best_decode_tokens_per_s"), r.value(quality_key)
         if speed is None or quality is None:
             continue
         ax.scatter(
             speed, quality, s=70, marker=markers[index % len(markers)], label=r.variant, alpha=0.8, edgecolors="black"
         )
-    ax.set_xlabel("decode tokens / s (higher is better)")
+    ax.set_xlabel("decode tokens / s, fastest decoder (higher is better)")
     ax.set_ylabel(
         "KL vs reference, nats (lower is better)"
         if quality_key == "kl_vs_reference"
@@ -225,8 +225,8 @@ def write_plots(results: list[VariantResult], folder: Path) -> list[Path]:
     _bar_chart(
         plt,
         finished,
-        "decode_tokens_per_s",
-        "Batch-1 greedy decode (higher is better)",
+        "best_decode_tokens_per_s",  # what the choosing rule ranks by
+        "Batch-1 greedy decode, each variant's fastest decoder (higher is better)",
         "tokens / s",
         paths["decode_tokens_per_s"],
     )

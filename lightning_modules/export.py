@@ -116,7 +116,8 @@ def _check_written_adapter(folder: Path, weights: dict[str, torch.Tensor], adapt
     if missing or wrong or not expected:
         raise RuntimeError(
             f"the adapter export is incomplete ({len(missing)} of {len(expected)} weights missing, e.g. "
-            f"{(missing or wrong or ['none trainable'])[:2]}; {len(wrong)} differ); nothing was written"
+            f"{(missing or wrong or ['none trainable'])[:2]}; {len(wrong)} differ): nothing was written, and "
+            "checkpoints are untouched. This is a bug of the export; please report it with the strategy used."
         )
 
 

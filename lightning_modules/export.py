@@ -82,7 +82,7 @@ def wrappers_lifted(model: torch.nn.Module):
     """For the duration, every wrapper inside ``model`` stands aside: its parent holds the wrapped module
     itself, so names are the model's own. Under FSDP each decoder layer and adapter matrix is a unit whose
     parameters are named ``..._fsdp_wrapped_module...``; PEFT finds its layers by module names and drops
-    the weights it cannot place, so an adapter saved through the wrappers came out empty. (Under FSDP:
+    the weights it cannot place, so an adapter saved through the wrappers lost its weights. (Under FSDP:
     inside ``summon_full_params``, where each parameter holds its whole tensor.)"""
     lifted = []
     for parent in list(model.modules()):

@@ -115,10 +115,15 @@ def _tiny_lora_with_trained_looking_adapters():
 
 def test_an_adapter_under_wrapped_module_names_exports_every_trained_weight(tmp_path):
     """Under FSDP each decoder layer and adapter matrix is a unit, and parameter names gain
-    ``_fsdp_wrapped_module.``; the export once wrote such names, which PEFT then did not find (it loaded
-    the untrained adapter with a warning). The export reads clean names from the parameters."""
+    ``_fsdp_wrapped_module.``; PEFT places weights by module names, and an export through the wrappers
+    reloaded as the untrained adapter (with a warning). The export now sets the wrappers aside to write."""
     from peft import PeftModel
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_WRAPPED_MODULE
+    from torch.distributed.fsdp._common_utils import FSDP_WRAPPED_MODULE
 
+    from lightning_modules.export import WRAPPED_MODULE_ATTRIBUTES
+
+    assert WRAPPED_MODULE_ATTRIBUTES == (FSDP_WRAPPED_MODULE, _CHECKPOINT_WRAPPED_MODULE)  # torch's own names
     spec, model = _tiny_lora_with_trained_looking_adapters()
     trained = _logits(model)
     layers = model.base_model.model.model.layers

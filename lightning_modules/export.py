@@ -101,8 +101,8 @@ def wrappers_lifted(model: torch.nn.Module):
 
 
 def adapter_weights(model) -> dict[str, torch.Tensor]:
-    """Every trainable weight of a peft-wrapped ``model`` by name (copies)."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    """Every trainable weight of a peft-wrapped ``model`` by name."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _check_written_adapter(folder: Path, weights: dict[str, torch.Tensor], adapter_name: str) -> None:
@@ -123,7 +123,7 @@ def _check_written_adapter(folder: Path, weights: dict[str, torch.Tensor], adapt
 
 def export_adapter(model, spec: ModelSpec, folder: Path, **extra: Any) -> Path:
     """Write the LoRA adapter of a peft-wrapped ``model`` as a PEFT folder (checked against the model's
-    trained weights before it appears)."""
+    trained weights before it appears). A model inside FSDP: through ``export_trained_model``."""
     if spec.lora is None:
         raise ConfigError("this model has no LoRA adapter to export; export its whole model instead.")
     _check_finite([(n, p) for n, p in model.named_parameters() if p.requires_grad], "the adapter")
@@ -131,7 +131,7 @@ def export_adapter(model, spec: ModelSpec, folder: Path, **extra: Any) -> Path:
     saved_reference = config.base_model_name_or_path
     config.base_model_name_or_path = base_reference(spec)
     try:
-        with wrappers_lifted(model), atomic_path(folder) as staging:
+        with atomic_path(folder) as staging:
             weights = adapter_weights(model)
             # no embedding layers train, and "auto" would look the base up on the hub
             model.save_pretrained(staging, save_embedding_layers=False)

@@ -137,7 +137,7 @@ def test_an_adapter_under_wrapped_module_names_exports_every_trained_weight(tmp_
     assert _relative_error(_logits(model), trained) < 1e-6
     assert any("lora_B.default._fsdp_wrapped_module" in name for name, _ in model.named_parameters())
 
-    folder = export_adapter(model, spec, tmp_path / "adapter")
+    (folder,) = export_trained_model(model, spec, tmp_path / "export")
     base = load_causal_lm(ModelSpec(source="tiny", dtype="float32")).eval()
     assert _relative_error(_logits(PeftModel.from_pretrained(base, folder).eval()), trained) < 1e-6
 

@@ -7,6 +7,9 @@ each figure with its ratio to its baseline and its fraction of the ceiling. JSON
     python benchmarks/speed_side_by_side.py --out results/                   # every workload
     python benchmarks/speed_side_by_side.py --out results/ --only plain-qlora qlora-fast
     python benchmarks/speed_side_by_side.py --out results/ --source tiny --steps 3   # CPU smoke run
+    python benchmarks/speed_side_by_side.py --out results/ --repeats 3 --only \
+        fit:configs/finetune/qlora-fast.yaml "fit:configs/finetune/qlora-fast.yaml -c configs/distributed/ddp.yaml"
+        # three rounds of one GPU then DDP: the median of each, and DDP's ratio to one GPU in every round
 
 Workloads:
 - ``plain-qlora``: from_pretrained with BitsAndBytesConfig (nf4, bf16 compute), prepare_model_for_kbit_training
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -319,7 +323,42 @@ def run_workload(name: str, args: argparse.Namespace) -> dict:
 
 
 def _file_name(workload: str) -> str:
-    return "".join(c if c.isalnum() or c in "-." else "_" for c in workload)[:120] + ".json"
+    """A file name for a workload's JSON: readable, and distinct for workloads whose readable part is the
+    same (a long spec is cut, so two that differ only near the end would share one file)."""
+    readable = "".join(c if c.isalnum() or c in "-." else "_" for c in workload)[:100]
+    return f"{readable}-{hashlib.sha1(workload.encode()).hexdigest()[:8]}.json"
+
+
+def aggregate_rounds(rounds: list[dict[str, dict]]) -> dict[str, dict]:
+    """One result per workload from several rounds of the same workloads: the round with the median
+    tokens/s (the lower middle one for an even count), with every round's figure in ``rounds_tokens_per_s``
+    (None for a round where it failed or did not run). A workload that never ran keeps its last error."""
+    merged: dict[str, dict] = {}
+    for name in rounds[0]:
+        runs = [r.get(name, {"error": "not run"}) for r in rounds]
+        rates = [run.get("tokens_per_s") if "error" not in run else None for run in runs]
+        done = sorted((rate, i) for i, rate in enumerate(rates) if rate is not None)
+        if not done:  # no tokens/s figure (decode) or no success: the last run that worked, else the last
+            merged[name] = dict(next((run for run in reversed(runs) if "error" not in run), runs[-1]))
+            continue
+        merged[name] = {**runs[done[(len(done) - 1) // 2][1]], "rounds_tokens_per_s": rates}
+    return merged
+
+
+def scaling_note(result: dict, one_gpu: dict) -> str:
+    """Several GPUs against one: the ratio of the reported figures, and with several rounds each round's
+    ratio (both measured in the same round) and their range."""
+    note = f"x{result['tokens_per_s'] / one_gpu['tokens_per_s']:.2f} of one GPU"
+    wall, wall_one = result.get("wall_tokens_per_s"), one_gpu.get("wall_tokens_per_s")
+    if wall and wall_one:
+        note += f" (wall x{wall / wall_one:.2f})"
+    many_rounds, one_rounds = result.get("rounds_tokens_per_s") or [], one_gpu.get("rounds_tokens_per_s") or []
+    if len(many_rounds) != len(one_rounds):  # not from the same rounds: no pairing
+        many_rounds = one_rounds = []
+    ratios = [many / one for many, one in zip(many_rounds, one_rounds, strict=True) if many and one]
+    if len(ratios) > 1:
+        note += f"; rounds {', '.join(f'x{r:.2f}' for r in ratios)} (min x{min(ratios):.2f})"
+    return note
 
 
 def versions() -> dict:
@@ -379,9 +418,7 @@ def summary_table(results: dict[str, dict]) -> str:
         wall = result.get("wall_tokens_per_s")
         one_gpu = results.get(re.sub(r"\s+-c configs/distributed/\S+", "", name), {})
         if one_gpu is not result and "tokens_per_s" in one_gpu:  # several GPUs: the scaling over one
-            versus = f"x{rate / one_gpu['tokens_per_s']:.2f} of one GPU"
-            if wall and one_gpu.get("wall_tokens_per_s"):
-                versus += f" (wall x{wall / one_gpu['wall_tokens_per_s']:.2f})"
+            versus = scaling_note(result, one_gpu)
         rows.append(
             f"| {name} | {rate:,.0f} | {f'{wall:,.0f}' if wall else '–'} | {'–' if peak is None else f'{peak:.2f}'} | "
             f"{versus} | {rate / ceiling:.0%} |"
@@ -389,34 +426,9 @@ def summary_table(results: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder for one JSON file per workload")
-    parser.add_argument("--only", nargs="*", default=None, help="workloads to run (default: all)")
-    parser.add_argument("--source", default="mistral-7b")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--workload", default=None, help=argparse.SUPPRESS)  # one workload, in a child
-    parser.add_argument("--budget-s", type=float, default=560, help="stop starting workloads after this")
-    parser.add_argument("--workload-timeout-s", type=float, default=300, help="stop a workload after this")
-    args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.workload:  # child process: one workload, one JSON file
-        file = out / _file_name(args.workload)
-        try:
-            result = run_workload(args.workload, args)
-        except Exception as error:  # reported in the table, the other workloads still run
-            result = {"error": f"{type(error).__name__}: {error}"}
-        if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":  # one file, from the first process
-            file.write_text(json.dumps(result, indent=2, default=str))
-        return
-    started = time.monotonic()
-    if args.source != "tiny":  # draw the preset's weights once, here: not once per workload and per GPU process
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        print(f"[bench] preset weights: {_preset_folder(args.source, device)}", flush=True)
-        torch.cuda.empty_cache()
+def run_round(args: argparse.Namespace, out: Path, started: float) -> dict[str, dict]:
+    """Every workload once, each in its own process (and its processes' group, killed as one on timeout),
+    its JSON and log in ``out``; a workload not started within the time budget is reported as not run."""
     results: dict[str, dict] = {}
     for name in args.only or DEFAULT_WORKLOADS:
         if time.monotonic() - started > args.budget_s:
@@ -447,7 +459,54 @@ def main() -> None:
             results[name] = {"error": f"no result after {time.monotonic() - began:.0f} s: {tail[-300:]}"}
         results[name]["process_s"] = time.monotonic() - began
         print(f"[bench] {name}: {json.dumps(results[name], default=str)[:300]}", flush=True)
-    (out / "summary.json").write_text(json.dumps({"versions": versions(), "results": results}, indent=2, default=str))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for one JSON file per workload")
+    parser.add_argument("--only", nargs="*", default=None, help="workloads to run (default: all)")
+    parser.add_argument("--source", default="mistral-7b")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--workload", default=None, help=argparse.SUPPRESS)  # one workload, in a child
+    parser.add_argument("--budget-s", type=float, default=560, help="stop starting workloads after this")
+    parser.add_argument("--workload-timeout-s", type=float, default=300, help="stop a workload after this")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds of every workload in turn (A B, A B, ...); the table shows each workload's median round "
+        "and, for several GPUs, every round's ratio to one GPU; one folder of JSON files per round",
+    )
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.workload:  # child process: one workload, one JSON file
+        file = out / _file_name(args.workload)
+        try:
+            result = run_workload(args.workload, args)
+        except Exception as error:  # reported in the table, the other workloads still run
+            result = {"error": f"{type(error).__name__}: {error}"}
+        if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":  # one file, from the first process
+            file.write_text(json.dumps(result, indent=2, default=str))
+        return
+    started = time.monotonic()
+    if args.source != "tiny":  # draw the preset's weights once, here: not once per workload and per GPU process
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        print(f"[bench] preset weights: {_preset_folder(args.source, device)}", flush=True)
+        torch.cuda.empty_cache()
+    rounds: list[dict[str, dict]] = []
+    for round_index in range(args.repeats):  # the workloads in turn, round after round: A B C, A B C, ...
+        folder = out if args.repeats == 1 else out / f"round-{round_index + 1}"
+        folder.mkdir(parents=True, exist_ok=True)
+        rounds.append(run_round(args, folder, started))
+    results = rounds[0] if args.repeats == 1 else aggregate_rounds(rounds)
+    summary = {"versions": versions(), "results": results} | ({"rounds": rounds} if args.repeats > 1 else {})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(json.dumps(versions()))
     print(summary_table(results))
 

@@ -1,0 +1,86 @@
+"""The side-by-side benchmark's bookkeeping: file names, rounds, the scaling column, and a CPU smoke run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import speed_side_by_side as bench
+
+ONE = "fit:configs/finetune/qlora-fast.yaml"
+DDP = "fit:configs/finetune/qlora-fast.yaml -c configs/distributed/ddp.yaml"
+
+
+def test_workloads_that_differ_only_past_the_readable_part_get_their_own_files():
+    long = DDP + " --trainer.callbacks+=benchmarks.step_diagnostics.GpuPhaseTimer"
+    first, second = long, long + " --trainer.strategy.init_args.bucket_cap_mb 1000"
+    assert bench._file_name(first)[:100] == bench._file_name(second)[:100]  # the readable part is cut the same
+    assert bench._file_name(first) != bench._file_name(second)
+    assert bench._file_name(first) == bench._file_name(first)  # the same workload finds its file again
+    assert bench._file_name(first).endswith(".json") and "/" not in bench._file_name(first)
+
+
+def test_rounds_keep_every_figure_and_report_the_median_round():
+    rounds = [
+        {ONE: {"tokens_per_s": 100.0, "round": 1}, DDP: {"tokens_per_s": 190.0, "round": 1}},
+        {ONE: {"tokens_per_s": 102.0, "round": 2}, DDP: {"error": "no result after 300 s"}},
+        {ONE: {"tokens_per_s": 98.0, "round": 3}, DDP: {"tokens_per_s": 184.0, "round": 3}},
+    ]
+    merged = bench.aggregate_rounds(rounds)
+    assert merged[ONE]["round"] == 1 and merged[ONE]["rounds_tokens_per_s"] == [100.0, 102.0, 98.0]
+    # two rounds worked: the lower middle one is reported, the failed round is kept as None
+    assert merged[DDP]["round"] == 3 and merged[DDP]["rounds_tokens_per_s"] == [190.0, None, 184.0]
+
+
+def test_rounds_without_a_throughput_keep_the_last_run_that_worked_or_the_error():
+    decode, broken = "decode:configs/variants/nf4-sdpa.yaml", "fit:configs/broken.yaml"
+    rounds = [
+        {decode: {"generate_tokens_per_s": [1.0], "round": 1}, broken: {"error": "first"}},
+        {decode: {"error": "timeout"}, broken: {"error": "second"}},
+    ]
+    merged = bench.aggregate_rounds(rounds)
+    assert merged[decode]["round"] == 1
+    assert merged[broken] == {"error": "second"}
+
+
+def test_the_scaling_column_shows_every_rounds_ratio_measured_in_that_round():
+    results = bench.aggregate_rounds(
+        [
+            {ONE: {"tokens_per_s": 100.0}, DDP: {"tokens_per_s": 190.0}},
+            {ONE: {"tokens_per_s": 110.0}, DDP: {"tokens_per_s": 198.0}},
+            {ONE: {"tokens_per_s": 105.0}, DDP: {"error": "not run: time budget spent"}},
+        ]
+    )
+    row = next(line for line in bench.summary_table(results).splitlines() if line.startswith(f"| {DDP} |"))
+    # the median rounds' ratio (190 / 105), then each round's own: 190 / 100 and 198 / 110
+    assert "x1.81 of one GPU" in row
+    assert "rounds x1.90, x1.80 (min x1.80)" in row
+    single = bench.summary_table({ONE: {"tokens_per_s": 100.0}, DDP: {"tokens_per_s": 190.0}})
+    assert "x1.90 of one GPU" in single and "rounds" not in single
+
+
+def test_repeats_run_every_workload_in_each_round_on_a_cpu(tmp_path, book_path):
+    out = tmp_path / "bench"
+    command = [sys.executable, str(REPO_ROOT / "benchmarks/speed_side_by_side.py"), "--out", str(out)]
+    command += ["--source", "tiny", "--steps", "2", "--warmup", "1", "--repeats", "2"]
+    command += ["--only", "fit:configs/tiny.yaml"]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for round_folder in ("round-1", "round-2"):
+        (result_file,) = (out / round_folder).glob("*.json")
+        assert json.loads(result_file.read_text())["tokens_per_s"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    rates = summary["results"]["fit:configs/tiny.yaml"]["rounds_tokens_per_s"]
+    assert len(rates) == 2 and all(rate > 0 for rate in rates)
+    assert len(summary["rounds"]) == 2
+
+
+def test_repeats_below_one_are_refused():
+    command = [sys.executable, str(REPO_ROOT / "benchmarks/speed_side_by_side.py"), "--out", "unused", "--repeats", "0"]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--repeats must be at least 1, got 0" in done.stderr
+    assert not (REPO_ROOT / "unused").exists()

@@ -135,7 +135,10 @@ def compile_layers(model: torch.nn.Module, cuda_graphs: bool = False) -> None:
     replay, which in a pass without gradients is the next layer's call, while the residual stream still
     reads the output it overwrites (transformers' Mistral fails with "accessing tensor output of
     CUDAGraphs that has been overwritten"). In training, autograd keeps each replay's outputs alive.
+
+    Under DDP each layer stays one graph, as on one GPU (see ``keep_layer_graphs_whole``).
     """
+    keep_layer_graphs_whole()
     for layer in decoder_layers(model):
         if not cuda_graphs:
             layer.compile(dynamic=False)
@@ -144,6 +147,19 @@ def compile_layers(model: torch.nn.Module, cuda_graphs: bool = False) -> None:
         graphed = torch.compile(forward, dynamic=False, mode="reduce-overhead")
         plain = torch.compile(forward, dynamic=False)
         layer.forward = functools.partial(_graphed_with_gradients, graphed, plain)
+
+
+def keep_layer_graphs_whole() -> None:
+    """Turn off dynamo's DDP optimizer (process-wide). It is made for one graph of the whole model: any graph
+    compiled inside DDP's forward is cut where DDP's gradient buckets would end, and its first bucket holds
+    1 MB, so a decoder layer with more trainable weight than that (a 7B layer's rank-16 LoRA: 5.2 MB in
+    fp32) compiled as two graphs under DDP: two CUDA graphs a layer, fusions lost at the cut, about 14 more
+    kernels a layer a step than one GPU ran. With one graph per layer, DDP's reducer already starts each
+    layer's all-reduce when its backward ends, overlapped with the layers before it, so the cut bought nothing.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.optimize_ddp = False
 
 
 def _graphed_with_gradients(graphed, plain, *args, **kwargs):

@@ -253,3 +253,56 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_with_one_checkpoint
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["interrupted-step4.ckpt"]
     assert result.stderr.count("smarter: stopped: SIGTERM received: stopped after step 4; checkpoint written to") == 1
     assert not (run / "export").exists()
+
+
+def test_layers_compiled_inside_ddp_are_the_graphs_one_process_compiles(monkeypatch):
+    """Dynamo's DDP optimizer cuts any graph compiled inside DDP's forward where DDP's buckets end (the
+    first holds 1 MB): a decoder layer with more trainable weight than that compiled as two graphs under DDP
+    and one without. ``compile_layers`` turns the cut off. Counted with a backend that records each graph
+    (CPU, one gloo process); the layers' LoRA here holds 1.2 MB, as a 7B layer's holds 5.2 MB."""
+    import torch._dynamo
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lightning_modules.fast_paths import compile_layers
+    from lightning_modules.mistral_module import MistralModule
+    from lightning_modules.model_building import LoraSettings
+
+    graphs: list[int] = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(len(graph_module.graph.nodes))
+        return graph_module.forward
+
+    real_compile = torch.compile
+
+    def compile_counting(fn, dynamic=None, mode=None):
+        return real_compile(fn, backend=counting_backend)
+
+    monkeypatch.setattr(torch, "compile", compile_counting)
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)  # torch's default (restored afterwards)
+
+    def graphs_of_one_step(under_ddp: bool, split_again: bool = False) -> list[int]:
+        torch._dynamo.reset()
+        graphs.clear()
+        module = MistralModule(source="tiny", dtype="float32", lora=LoraSettings(r=128, alpha=256))
+        module.configure_model()
+        trainable = sum(p.numel() * p.element_size() for p in module.model.parameters() if p.requires_grad)
+        assert trainable / 2 > 2**20  # each of the 2 layers: more than DDP's first bucket
+        compile_layers(module.model, cuda_graphs=True)
+        if split_again:  # as before compile_layers turned the DDP optimizer off
+            torch._dynamo.config.optimize_ddp = True
+        model = DistributedDataParallel(module.model) if under_ddp else module.model
+        model(input_ids=torch.randint(0, 100, (1, 8))).logits.sum().backward()
+        return list(graphs)
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        alone = graphs_of_one_step(under_ddp=False)
+        under_ddp = graphs_of_one_step(under_ddp=True)
+        split = graphs_of_one_step(under_ddp=True, split_again=True)
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
+    assert under_ddp == alone
+    assert len(split) > len(alone)  # what the DDP optimizer did: the same layers, cut into more graphs

@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -426,10 +427,10 @@ def summary_table(results: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def run_round(args: argparse.Namespace, out: Path, started: float) -> dict[str, dict]:
-    """Every workload once, each in its own process (and its processes' group, killed as one on timeout),
-    its JSON and log in ``out``; a workload not started within the time budget is reported as not run."""
-    results: dict[str, dict] = {}
+def run_round(args: argparse.Namespace, out: Path, started: float, results: dict[str, dict]) -> None:
+    """Every workload once into ``results``, each in its own process group (killed as one on timeout or when
+    this run is interrupted), its JSON and log in ``out``; a workload not started within the time budget is
+    reported as not run."""
     for name in args.only or DEFAULT_WORKLOADS:
         if time.monotonic() - started > args.budget_s:
             results[name] = {"error": "not run: time budget spent"}
@@ -449,8 +450,12 @@ def run_round(args: argparse.Namespace, out: Path, started: float) -> dict[str, 
             try:
                 worker.wait(timeout=args.workload_timeout_s)
             except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, 9)  # with every process it started (DDP ranks)
+                os.killpg(worker.pid, signal.SIGKILL)  # with every process it started (DDP ranks)
                 worker.wait()
+            except BaseException:  # this run interrupted (Ctrl-C, SIGTERM): its workload goes with it
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+                raise
         file = out / _file_name(name)
         if file.is_file():
             results[name] = json.loads(file.read_text())
@@ -459,7 +464,6 @@ def run_round(args: argparse.Namespace, out: Path, started: float) -> dict[str, 
             results[name] = {"error": f"no result after {time.monotonic() - began:.0f} s: {tail[-300:]}"}
         results[name]["process_s"] = time.monotonic() - began
         print(f"[bench] {name}: {json.dumps(results[name], default=str)[:300]}", flush=True)
-    return results
 
 
 def main() -> None:
@@ -499,16 +503,39 @@ def main() -> None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         print(f"[bench] preset weights: {_preset_folder(args.source, device)}", flush=True)
         torch.cuda.empty_cache()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     rounds: list[dict[str, dict]] = []
-    for round_index in range(args.repeats):  # the workloads in turn, round after round: A B C, A B C, ...
-        folder = out if args.repeats == 1 else out / f"round-{round_index + 1}"
-        folder.mkdir(parents=True, exist_ok=True)
-        rounds.append(run_round(args, folder, started))
-    results = rounds[0] if args.repeats == 1 else aggregate_rounds(rounds)
-    summary = {"versions": versions(), "results": results} | ({"rounds": rounds} if args.repeats > 1 else {})
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    try:
+        for round_index in range(args.repeats):  # the workloads in turn, round after round: A B C, A B C, ...
+            folder = out if args.repeats == 1 else out / f"round-{round_index + 1}"
+            folder.mkdir(parents=True, exist_ok=True)
+            rounds.append({})
+            run_round(args, folder, started, rounds[-1])
+    except BaseException:  # interrupted: what finished is summed up all the same, marked as such
+        write_summary(out, rounds, interrupted=True)
+        raise
+    results = write_summary(out, rounds, interrupted=False)
     print(json.dumps(versions()))
     print(summary_table(results))
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def write_summary(out: Path, rounds: list[dict[str, dict]], interrupted: bool) -> dict[str, dict]:
+    """``summary.json``: the versions, each workload's result (its median round when there are several
+    rounds), every round's results, and whether the run was interrupted. Returns the results."""
+    finished = [r for r in rounds if r]
+    if not finished:
+        results: dict[str, dict] = {}
+    else:
+        results = finished[0] if len(rounds) == 1 else aggregate_rounds(finished)
+    summary = {"versions": versions(), "results": results}
+    summary |= {"rounds": rounds} if len(rounds) > 1 else {}
+    summary |= {"interrupted": True} if interrupted else {}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return results
 
 
 if __name__ == "__main__":

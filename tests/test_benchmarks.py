@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 from conftest import REPO_ROOT
 
@@ -84,3 +87,42 @@ def test_repeats_below_one_are_refused():
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--repeats must be at least 1, got 0" in done.stderr
     assert not (REPO_ROOT / "unused").exists()
+
+
+def _processes_naming(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_an_interrupted_run_stops_its_workload_and_keeps_the_finished_rounds(tmp_path, book_path):
+    out = tmp_path / "bench"
+    command = [sys.executable, str(REPO_ROOT / "benchmarks/speed_side_by_side.py"), "--out", str(out)]
+    command += ["--source", "tiny", "--steps", "2", "--warmup", "1", "--repeats", "2"]
+    command += ["--only", "fit:configs/tiny.yaml"]
+    run = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((out / "round-2").glob("*.log")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(2)  # the second round's workload is running
+        assert run.poll() is None and _processes_naming(str(out / "round-2"))
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        run.kill()
+    time.sleep(1)
+    assert not _processes_naming(str(out / "round-2"))  # the workload went with the run
+    (first,) = (out / "round-1").glob("*.json")
+    assert json.loads(first.read_text())["tokens_per_s"] > 0  # the finished round is intact
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True
+    assert summary["rounds"][1] == {}
+    rates = summary["results"]["fit:configs/tiny.yaml"]["rounds_tokens_per_s"]
+    assert len(rates) == 1 and rates[0] > 0

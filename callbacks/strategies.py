@@ -109,6 +109,12 @@ class MistralDDPStrategy(DDPStrategy):
         # DDP's defaults, except the buffers, which a LoRA Mistral never changes: no broadcast each step
         # (torch 2.13 renames the per-forward part of broadcast_buffers to forward_sync_buffers)
         kwargs = _set_arguments(kwargs)
+        bucket_mb = kwargs.get("bucket_cap_mb")
+        number = isinstance(bucket_mb, int | float) and not isinstance(bucket_mb, bool)
+        if bucket_mb is not None and not (number and bucket_mb > 0):  # torch takes negatives and NaN
+            raise ConfigError(
+                f"MistralDDPStrategy: bucket_cap_mb must be a positive number of megabytes, got {bucket_mb!r}."
+            )
         buffers = "forward_sync_buffers" if "forward_sync_buffers" in _ddp_parameters() else "broadcast_buffers"
         kwargs.setdefault(buffers, False)
         super().__init__(static_graph=static_graph, gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)

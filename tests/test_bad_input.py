@@ -119,6 +119,28 @@ CASES = [
         "gradient_reduce_dtype must be one of float32, bfloat16, got 'fp8'",
     ),
     Case(
+        "a DDP gradient bucket of no size",
+        [
+            *FIT,
+            "--trainer.strategy",
+            "callbacks.strategies.MistralDDPStrategy",
+            "--trainer.strategy.bucket_cap_mb",
+            "-5",
+        ],
+        "bucket_cap_mb must be a positive number of megabytes, got -5",
+    ),
+    Case(
+        "a DDP gradient bucket size that is not a number",
+        [
+            *FIT,
+            "--trainer.strategy",
+            "callbacks.strategies.MistralDDPStrategy",
+            "--trainer.strategy.bucket_cap_mb",
+            "lots",
+        ],
+        "bucket_cap_mb must be a positive number of megabytes, got 'lots'",
+    ),
+    Case(
         "more new tokens than the model has positions",
         [*PREDICT, "--model.generation.max_new_tokens", "100000"],
         "beyond the model's 2048",

@@ -42,6 +42,25 @@ def _ddp_parameters() -> set[str]:
     return set(inspect.signature(DistributedDataParallel.__init__).parameters)
 
 
+def _check_ddp_argument_types(kwargs: dict[str, Any]) -> None:
+    """torch's DDP declares no types, so LightningCLI hands its arguments over as typed ("maybe" for a flag
+    reached the C++ reducer as a traceback): a value must have the type of the argument's default."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    defaults = {name: p.default for name, p in inspect.signature(DistributedDataParallel.__init__).parameters.items()}
+    for name, value in kwargs.items():
+        default = defaults.get(name, inspect.Parameter.empty)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            wanted = "true or false"
+        elif type(default) is int and (isinstance(value, bool) or not isinstance(value, int)):
+            wanted = "a whole number"
+        else:
+            continue
+        raise ConfigError(f"MistralDDPStrategy: {name} must be {wanted}, got {value!r}.")
+
+
 def decoder_layers_and_trainable_leaves(module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
     """FSDP wrap policy: a unit for each Mistral decoder layer and for each module without children whose
     own weights train (the LoRA matrices), so that frozen and trainable weights never share a unit."""
@@ -109,6 +128,7 @@ class MistralDDPStrategy(DDPStrategy):
         # DDP's defaults, except the buffers, which a LoRA Mistral never changes: no broadcast each step
         # (torch 2.13 renames the per-forward part of broadcast_buffers to forward_sync_buffers)
         kwargs = _set_arguments(kwargs)
+        _check_ddp_argument_types(kwargs)
         bucket_mb = kwargs.get("bucket_cap_mb")
         number = isinstance(bucket_mb, int | float) and not isinstance(bucket_mb, bool)
         if bucket_mb is not None and not (number and bucket_mb > 0):  # torch takes negatives and NaN

@@ -51,11 +51,22 @@ _NOISE = (
 )
 
 
+_TYPE_WORDS = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a string"}
+
+
 def condense_parser_error(message: str) -> str:
-    """jsonargparse's nested error text as one line: the dotted key and the innermost reason."""
+    """jsonargparse's nested error text as one line: the dotted key and the innermost reason. Where a union
+    (a class path or a plain string, say) names a class that was found, that class's own error is the reason,
+    not the other alternatives' ("Expected a <class 'str'>")."""
+    lines = message.splitlines()
+    found = next((i for i, line in enumerate(lines) if "Problem with given class_path" in line), None)
+    if found is not None:
+        errors = [i for i, line in enumerate(lines[:found]) if line.strip() == "Errors:"]
+        if errors:
+            lines = lines[: errors[-1]] + lines[found:]
     keys: list[str] = []
     detail = ""
-    for raw in message.splitlines():
+    for raw in lines:
         line = raw.strip().removeprefix("- ").strip()
         if not line or line.startswith(_NOISE):
             continue
@@ -71,6 +82,9 @@ def condense_parser_error(message: str) -> str:
     literal = re.match(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", detail)
     if literal:
         detail = f"{literal.group(2)!r} is not one of {literal.group(1)}"
+    simple = re.match(r"Expected a <class '(\w+)'>\. Got value: (.*)", detail)
+    if simple and simple.group(1) in _TYPE_WORDS:
+        detail = f"expected {_TYPE_WORDS[simple.group(1)]}, got {simple.group(2)!r}"
     dotted = ".".join(k for k in keys if k != "init_args")
     text = f"{dotted}: {detail}" if dotted and detail else (detail or message.strip().splitlines()[0])
     return " ".join(text.split())

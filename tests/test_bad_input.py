@@ -85,7 +85,7 @@ CASES = [
     Case("a source that does not exist", [*VALIDATE, "--model.source", "{tmp}/a/b/c"], "is not a preset"),
     Case("an unreachable hub id", [*VALIDATE, "--model.source", "nobody-here/no-model"], "Could not read the config"),
     Case("an unknown option", [*VALIDATE, "--model.layers", "3"], "model: Option 'layers' is not accepted"),
-    Case("a number that is not one", [*FIT, "--trainer.max_steps", "ten"], "trainer.max_steps"),
+    Case("a number that is not one", [*FIT, "--trainer.max_steps", "ten"], "expected a whole number, got 'ten'"),
     Case("a config file that does not exist", ["fit", "-c", "{tmp}/nope.yaml"], "nope.yaml"),
     Case("a config file that is not YAML", ["fit", "-c", "{tmp}/broken.yaml"], "broken.yaml is not valid YAML"),
     Case("config files that extend each other", ["fit", "-c", "{tmp}/loop-a.yaml"], "extend each other in a cycle"),
@@ -139,6 +139,28 @@ CASES = [
             "lots",
         ],
         "bucket_cap_mb must be a positive number of megabytes, got 'lots'",
+    ),
+    Case(
+        "a DDP flag that is neither true nor false",
+        [
+            *FIT,
+            "--trainer.strategy",
+            "callbacks.strategies.MistralDDPStrategy",
+            "--trainer.strategy.find_unused_parameters",
+            "maybe",
+        ],
+        "find_unused_parameters must be true or false, got 'maybe'",
+    ),
+    Case(
+        "a strategy setting of the wrong type",
+        [
+            *FIT,
+            "--trainer.strategy",
+            "callbacks.strategies.MistralDDPStrategy",
+            "--trainer.strategy.static_graph",
+            "perhaps",
+        ],
+        "trainer.strategy.static_graph: expected true or false, got 'perhaps'",
     ),
     Case(
         "more new tokens than the model has positions",

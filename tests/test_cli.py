@@ -85,6 +85,21 @@ def test_parser_errors_are_condensed_to_the_key_and_the_reason():
     assert condense_parser_error("Parser key \"config\": File does not exist: '/x.yaml'") == (
         "config: File does not exist: '/x.yaml'"
     )
+    # a union whose class was found: that class's error, not the plain-string alternative's
+    strategy = (
+        'Parser key "trainer.strategy":\n  Does not validate against any of the Union subtypes\n'
+        "  Subtypes: [<class 'str'>, <class 'lightning.pytorch.strategies.strategy.Strategy'>]\n  Errors:\n"
+        "    - Expected a <class 'str'>\n"
+        "    - Problem with given class_path 'callbacks.strategies.MistralDDPStrategy':\n"
+        '        Parser key "static_graph":\n'
+        "          Expected a <class 'bool'>. Got value: perhaps\n"
+        "  Given value type: <class 'jsonargparse._util.NestedArg'>\n"
+        "  Given value: NestedArg(key='static_graph', val='perhaps')"
+    )
+    assert condense_parser_error(strategy) == "trainer.strategy.static_graph: expected true or false, got 'perhaps'"
+    assert condense_parser_error("Parser key \"trainer.max_steps\":\n  Expected a <class 'int'>. Got value: ten") == (
+        "trainer.max_steps: expected a whole number, got 'ten'"
+    )
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT / "configs")))

@@ -43,8 +43,8 @@ def _ddp_parameters() -> set[str]:
 
 
 def _check_ddp_argument_types(kwargs: dict[str, Any]) -> None:
-    """torch's DDP declares no types, so LightningCLI hands its arguments over as typed ("maybe" for a flag
-    reached the C++ reducer as a traceback): a value must have the type of the argument's default."""
+    """torch's DDP declares no types, so LightningCLI hands its arguments over as written on the command line
+    ("maybe" for a flag reached the C++ reducer as a traceback): a value must have its default's type."""
     import inspect
 
     from torch.nn.parallel import DistributedDataParallel

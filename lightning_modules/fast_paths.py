@@ -153,9 +153,10 @@ def keep_layer_graphs_whole() -> None:
     """Turn off dynamo's DDP optimizer (process-wide). It is made for one graph of the whole model: any graph
     compiled inside DDP's forward is cut where DDP's gradient buckets would end, and its first bucket holds
     1 MB, so a decoder layer with more trainable weight than that (a 7B layer's rank-16 LoRA: 5.2 MB in
-    fp32) compiled as two graphs under DDP: two CUDA graphs a layer, fusions lost at the cut, about 14 more
-    kernels a layer a step than one GPU ran. With one graph per layer, DDP's reducer already starts each
-    layer's all-reduce when its backward ends, overlapped with the layers before it, so the cut bought nothing.
+    fp32) would compile as two graphs under DDP: two CUDA graphs a layer, fusions lost at the cut, about 14
+    more kernels a layer a step than one GPU runs. With one graph per layer, DDP's reducer still starts each
+    layer's all-reduce when that layer's backward ends, overlapped with the backward of the layers still to
+    come, so the cut buys nothing.
     """
     import torch._dynamo
 

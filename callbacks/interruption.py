@@ -5,6 +5,8 @@
   ``128 + signal``. Resuming from it with ``--ckpt_path`` continues exactly (data order, schedule,
   random generators).
 - ``validate`` / ``test`` / ``predict``: after the current batch; predictions already written are kept.
+  With several processes, predict stops them all after the same batch (as training does) and merges
+  what they wrote into the one predictions file.
 
 With several processes, a signal that reaches any of them stops all of them at the same step (in
 training, one step after it arrives: the processes' flags travel in an all-reduce over a CPU process
@@ -45,6 +47,8 @@ class StopOnSignal(StageCallback):
         self._previous: dict[int, Any] = {}
         self._group: Any = None  # a CPU (gloo) process group for the processes' stop flags
         self._pending: tuple[Any, torch.Tensor] | None = None  # the all-reduce started at the last step
+        self._common_batches = 0  # predict: the batches every process has (they may differ by one)
+        self._batches_seen = 0
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.received is not None:  # asked twice: stop now
@@ -60,7 +64,7 @@ class StopOnSignal(StageCallback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.received = None
         self._pending = None
-        if stage == "fit" and trainer.world_size > 1 and self._group is None:
+        if stage in ("fit", "predict") and trainer.world_size > 1 and self._group is None:
             self._group = torch.distributed.new_group(backend="gloo")  # every process takes this hook
         if threading.current_thread() is not threading.main_thread() or self._previous:
             return
@@ -75,6 +79,11 @@ class StopOnSignal(StageCallback):
             for signum in HANDLED_SIGNALS:
                 if signal.getsignal(signum) != self._on_signal:
                     signal.signal(signum, self._on_signal)
+        if stage == "predict" and trainer.world_size > 1 and self._group is not None:
+            # the prompts split unevenly by at most one batch: over the batches all have, they stop together
+            batches = torch.tensor([int(sum(trainer.num_predict_batches))])
+            torch.distributed.all_reduce(batches, op=torch.distributed.ReduceOp.MIN, group=self._group)
+            self._common_batches, self._batches_seen, self._pending = int(batches.item()), 0, None
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._pending is not None:  # every process started it: let it finish
@@ -84,21 +93,27 @@ class StopOnSignal(StageCallback):
 
     def _stop_requested(self, trainer: L.Trainer, stage: Stage) -> bool:
         # in training every process stops together, whichever one got the signal (their batches are in
-        # step); elsewhere processes may hold different numbers of batches, so each stops on its own
+        # step); so does predict over the batches every process has (its part files are then merged; a
+        # process's one extra batch is its last anyway); in validate and test each stops on its own
         if trainer.world_size > 1 and stage == "train":
             return self._agreed_stop()
+        if trainer.world_size > 1 and stage == "predict":
+            if self._batches_seen >= self._common_batches:  # this process's one extra batch: its last, done
+                return False
+            self._batches_seen += 1
+            return self._agreed_stop(send_next=self._batches_seen < self._common_batches)
         return self.received is not None
 
-    def _agreed_stop(self) -> bool:
+    def _agreed_stop(self, send_next: bool = True) -> bool:
         """Whether any process had a signal at the previous step's end (the same answer on every process);
-        then this step's flags are sent on their way."""
+        then, unless this is the last step all processes have, this step's flags are sent on their way."""
         stop = False
         if self._pending is not None:
             work, flags = self._pending
             work.wait()
             stop = bool(flags.item())
         self._pending = None
-        if not stop:
+        if not stop and send_next:
             flags = torch.tensor([int(self.received is not None)])
             self._pending = (torch.distributed.all_reduce(flags, group=self._group, async_op=True), flags)
         return stop
@@ -122,6 +137,12 @@ class StopOnSignal(StageCallback):
                 f"Resume with the same command and --ckpt_path {path}",
                 signum,
             )
-        raise RunInterrupted(
-            f"{name} received: {stage} stopped after the current batch; what it wrote is kept.", signum
-        )
+        kept = "what it wrote is kept"
+        if stage == "predict":
+            from callbacks.prediction_writer import JsonlPredictionWriter
+
+            for writer in trainer.callbacks:
+                if isinstance(writer, JsonlPredictionWriter) and writer.path is not None:
+                    writer.merge_parts(trainer)  # with several processes, all are here after the same batch
+                    kept = f"the predictions so far are in {writer.path}"
+        raise RunInterrupted(f"{name} received: {stage} stopped after the current batch; {kept}.", signum)

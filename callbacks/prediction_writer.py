@@ -24,8 +24,8 @@ class JsonlPredictionWriter(BasePredictionWriter):
 
     With several processes (``predict`` under DDP splits the prompts), each process appends to its own
     part file beside the target as it goes, and when all are done the first process merges the parts
-    into the target in prompt order and removes them: every prediction is kept, once. A run stopped
-    early keeps its part files.
+    into the target in prompt order and removes them: every prediction is kept, once. A run stopped by a
+    signal merges what every process wrote up to the batch where they all stopped.
 
     Args:
         output_path: File to write; unset means ``<log dir>/predictions.jsonl``. An existing file
@@ -69,6 +69,12 @@ class JsonlPredictionWriter(BasePredictionWriter):
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.merge_parts(trainer)
+
+    def merge_parts(self, trainer: L.Trainer) -> None:
+        """With several processes: once every process has written its part, the first merges the parts into
+        the target in prompt order and removes them (every process must call this: it waits for all).
+        Also called when a signal stops ``predict`` (all processes stop after the same batch)."""
         if self.path is None or trainer.world_size <= 1:
             return
         trainer.strategy.barrier("smarter-predictions")

@@ -60,7 +60,7 @@ class SignalAtStep(L.Callback):
             os.kill(os.getpid(), self.signum)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if batch_idx == self.predict_batch:
+        if batch_idx == self.predict_batch and self.rank in (-1, trainer.global_rank):
             os.kill(os.getpid(), self.signum)
 
 

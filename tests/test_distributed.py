@@ -255,6 +255,28 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_with_one_checkpoint
     assert not (run / "export").exists()
 
 
+def test_a_signal_to_one_process_in_predict_stops_both_and_merges_what_they_wrote(tmp_path, book_path):
+    """The second process gets SIGTERM after its second batch; both stop a batch later, and the first merges
+    every finished prompt of both into the one predictions file, in prompt order, with no part left."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"Question number {n}?\n" for n in range(12)))
+    args = ["predict", "-c", TINY, *QUIET, *CPU, "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    args += ["--data.prompts_file", str(prompts), "--model.generation.max_new_tokens", "3"]
+    args += ["--trainer.callbacks+=custom_modules.SignalAtStep", "--trainer.callbacks.predict_batch", "1"]
+    args += ["--trainer.callbacks.rank", "1"]
+    result = run_smarter(*args, cwd=tmp_path, timeout=600, env=_env())
+    assert result.returncode == 128 + 15, result.stderr[-3000:]
+    (predictions,) = (tmp_path / "runs").rglob("predictions.jsonl")
+    said = "predict stopped after the current batch; the predictions so far are in"
+    assert result.stderr.count(said) == 1 and str(predictions.relative_to(tmp_path)) in result.stderr
+    records = [json.loads(line) for line in predictions.read_text().splitlines()]
+    indices = [r["index"] for r in records]
+    assert indices == sorted(indices) and len(set(indices)) == len(indices)
+    assert 4 <= len(records) < 12  # both processes' batches up to the stop, not all twelve prompts
+    assert all(r["prompt"] == f"Question number {r['index']}?" for r in records)
+    assert not list(predictions.parent.glob("*.part"))
+
+
 def test_layers_compiled_inside_ddp_are_the_graphs_one_process_compiles(monkeypatch):
     """Dynamo's DDP optimizer cuts any graph compiled inside DDP's forward where DDP's buckets end (the
     first holds 1 MB): a decoder layer with more trainable weight than that compiled as two graphs under DDP

@@ -5,8 +5,8 @@
   ``128 + signal``. Resuming from it with ``--ckpt_path`` continues exactly (data order, schedule,
   random generators).
 - ``validate`` / ``test`` / ``predict``: after the current batch; predictions already written are kept.
-  With several processes, predict stops them all after the same batch (as training does) and merges
-  what they wrote into the one predictions file.
+  With several processes, all stop after the same batch (as in training), and predict merges what they
+  wrote into the one predictions file.
 
 With several processes, a signal that reaches any of them stops all of them at the same step (in
 training, one step after it arrives: the processes' flags travel in an all-reduce over a CPU process
@@ -28,6 +28,8 @@ from callbacks.stage_hooks import StageCallback
 from foundation import RunInterrupted, Stage
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# the trainer's count of this process's batches, per stage that runs on its own (not inside fit)
+_BATCH_COUNTS = {"val": "num_val_batches", "test": "num_test_batches", "predict": "num_predict_batches"}
 
 
 def checkpoint_folder(trainer: L.Trainer) -> Path:
@@ -47,7 +49,7 @@ class StopOnSignal(StageCallback):
         self._previous: dict[int, Any] = {}
         self._group: Any = None  # a CPU (gloo) process group for the processes' stop flags
         self._pending: tuple[Any, torch.Tensor] | None = None  # the all-reduce started at the last step
-        self._common_batches = 0  # predict: the batches every process has (they may differ by one)
+        self._common_batches = 0  # validate, test, predict: the batches every process has
         self._batches_seen = 0
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -64,7 +66,7 @@ class StopOnSignal(StageCallback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.received = None
         self._pending = None
-        if stage in ("fit", "predict") and trainer.world_size > 1 and self._group is None:
+        if trainer.world_size > 1 and self._group is None:
             self._group = torch.distributed.new_group(backend="gloo")  # every process takes this hook
         if threading.current_thread() is not threading.main_thread() or self._previous:
             return
@@ -79,9 +81,10 @@ class StopOnSignal(StageCallback):
             for signum in HANDLED_SIGNALS:
                 if signal.getsignal(signum) != self._on_signal:
                     signal.signal(signum, self._on_signal)
-        if stage == "predict" and trainer.world_size > 1 and self._group is not None:
-            # the prompts split unevenly by at most one batch: over the batches all have, they stop together
-            batches = torch.tensor([int(sum(trainer.num_predict_batches))])
+        fitting = getattr(trainer.state.fn, "value", None) == "fit"
+        if stage in _BATCH_COUNTS and not fitting and trainer.world_size > 1 and self._group is not None:
+            # the data may split unevenly by a batch: over the batches all processes have, they stop together
+            batches = torch.tensor([int(sum(getattr(trainer, _BATCH_COUNTS[stage])))])
             torch.distributed.all_reduce(batches, op=torch.distributed.ReduceOp.MIN, group=self._group)
             self._common_batches, self._batches_seen, self._pending = int(batches.item()), 0, None
 
@@ -92,12 +95,12 @@ class StopOnSignal(StageCallback):
         self._restore_handlers()
 
     def _stop_requested(self, trainer: L.Trainer, stage: Stage) -> bool:
-        # in training every process stops together, whichever one got the signal (their batches are in
-        # step); so does predict over the batches every process has (its part files are then merged; a
-        # process's one extra batch is its last anyway); in validate and test each stops on its own
+        # every process stops together, whichever one got the signal: in training (their batches are in
+        # step), and in validate, test and predict over the batches every process has (predict's part
+        # files are then merged; a process's one extra batch is its last anyway)
         if trainer.world_size > 1 and stage == "train":
             return self._agreed_stop()
-        if trainer.world_size > 1 and stage == "predict":
+        if trainer.world_size > 1 and stage in _BATCH_COUNTS:
             if self._batches_seen >= self._common_batches:  # this process's one extra batch: its last, done
                 return False
             self._batches_seen += 1
@@ -145,4 +148,5 @@ class StopOnSignal(StageCallback):
                 if isinstance(writer, JsonlPredictionWriter) and writer.path is not None:
                     writer.merge_parts(trainer)  # with several processes, all are here after the same batch
                     kept = f"the predictions so far are in {writer.path}"
-        raise RunInterrupted(f"{name} received: {stage} stopped after the current batch; {kept}.", signum)
+        command = "validate" if stage == "val" else stage
+        raise RunInterrupted(f"{name} received: {command} stopped after the current batch; {kept}.", signum)

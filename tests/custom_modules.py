@@ -43,20 +43,29 @@ class OutOfMemoryMistralModule(MistralModule):
 
 
 class SignalAtStep(L.Callback):
-    """Sends a signal to this process after a given training step, or after a given predict batch.
+    """Sends a signal to this process after a given training step, or a given validate or predict batch.
 
     Args:
         step: Training step after which to send it (``global_step``).
         predict_batch: Predict batch index after which to send it.
+        validate_batch: Validation batch index after which to send it (a stop applies in ``validate``; fit's
+            validation batches never stop a run).
         signum: The signal (15 is SIGTERM, 2 is SIGINT).
         rank: Only the process of this rank gets it (-1: every process).
     """
 
-    def __init__(self, step: int = -1, predict_batch: int = -1, signum: int = 15, rank: int = -1) -> None:
+    def __init__(
+        self, step: int = -1, predict_batch: int = -1, signum: int = 15, rank: int = -1, validate_batch: int = -1
+    ) -> None:
         self.step, self.predict_batch, self.signum, self.rank = step, predict_batch, signum, rank
+        self.validate_batch = validate_batch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step and self.rank in (-1, trainer.global_rank):
+            os.kill(os.getpid(), self.signum)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == self.validate_batch and self.rank in (-1, trainer.global_rank):
             os.kill(os.getpid(), self.signum)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:

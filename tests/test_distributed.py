@@ -277,6 +277,18 @@ def test_a_signal_to_one_process_in_predict_stops_both_and_merges_what_they_wrot
     assert not list(predictions.parent.glob("*.part"))
 
 
+def test_a_signal_to_one_process_in_validate_stops_both_after_the_same_batch(tmp_path, book_path):
+    """Before, the process that got the signal stopped alone and the other failed at the metric's all-reduce
+    with a traceback; now both stop a batch later, with one line."""
+    args = ["validate", "-c", TINY, *QUIET, *CPU, "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    args += ["--data.block_size", "128", "--trainer.callbacks+=custom_modules.SignalAtStep"]
+    args += ["--trainer.callbacks.validate_batch", "1", "--trainer.callbacks.rank", "1"]
+    result = run_smarter(*args, cwd=tmp_path, timeout=600, env=_env())
+    assert result.returncode == 128 + 15, result.stderr[-3000:]
+    assert result.stderr.count("smarter: stopped: SIGTERM received: validate stopped after the current batch") == 1
+    assert "Traceback" not in result.stderr
+
+
 def test_layers_compiled_inside_ddp_are_the_graphs_one_process_compiles(monkeypatch):
     """Dynamo's DDP optimizer cuts any graph compiled inside DDP's forward where DDP's buckets end (the
     first holds 1 MB): a decoder layer with more trainable weight than that compiled as two graphs under DDP

@@ -449,13 +449,11 @@ def run_round(args: argparse.Namespace, out: Path, started: float, results: dict
             )
             try:
                 worker.wait(timeout=args.workload_timeout_s)
-            except subprocess.TimeoutExpired:
+            except BaseException as stopped:  # its time is up, or this run was interrupted (Ctrl-C, SIGTERM)
                 os.killpg(worker.pid, signal.SIGKILL)  # with every process it started (DDP ranks)
                 worker.wait()
-            except BaseException:  # this run interrupted (Ctrl-C, SIGTERM): its workload goes with it
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait()
-                raise
+                if not isinstance(stopped, subprocess.TimeoutExpired):
+                    raise
         file = out / _file_name(name)
         if file.is_file():
             results[name] = json.loads(file.read_text())

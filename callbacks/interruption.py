@@ -32,6 +32,10 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _BATCH_COUNTS = {"val": "num_val_batches", "test": "num_test_batches", "predict": "num_predict_batches"}
 
 
+def _fitting(trainer: L.Trainer) -> bool:
+    return getattr(trainer.state.fn, "value", None) == "fit"
+
+
 def checkpoint_folder(trainer: L.Trainer) -> Path:
     """Where this run's checkpoints go: the checkpoint callback's folder, else ``<log dir>/checkpoints``."""
     callback = trainer.checkpoint_callback
@@ -81,8 +85,7 @@ class StopOnSignal(StageCallback):
             for signum in HANDLED_SIGNALS:
                 if signal.getsignal(signum) != self._on_signal:
                     signal.signal(signum, self._on_signal)
-        fitting = getattr(trainer.state.fn, "value", None) == "fit"
-        if stage in _BATCH_COUNTS and not fitting and trainer.world_size > 1 and self._group is not None:
+        if stage in _BATCH_COUNTS and not _fitting(trainer) and trainer.world_size > 1 and self._group is not None:
             # the data may split unevenly by a batch: over the batches all processes have, they stop together
             batches = torch.tensor([int(sum(getattr(trainer, _BATCH_COUNTS[stage])))])
             torch.distributed.all_reduce(batches, op=torch.distributed.ReduceOp.MIN, group=self._group)
@@ -124,8 +127,7 @@ class StopOnSignal(StageCallback):
     def on_stage_batch_end(
         self, stage: Stage, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any
     ) -> None:
-        fitting = getattr(trainer.state.fn, "value", None) == "fit"
-        if (fitting and stage != "train") or not self._stop_requested(trainer, stage):
+        if (_fitting(trainer) and stage != "train") or not self._stop_requested(trainer, stage):
             return
         signum = self.received or signal.SIGTERM
         name = signal.Signals(signum).name

@@ -34,28 +34,30 @@ def _set_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in kwargs.items() if value is not None}
 
 
-def _ddp_parameters() -> set[str]:
+def _ddp_defaults() -> dict[str, Any]:
+    """torch's ``DistributedDataParallel`` arguments with their defaults (``inspect.Parameter.empty`` where
+    there is none): they differ between torch versions."""
     import inspect
 
     from torch.nn.parallel import DistributedDataParallel
 
-    return set(inspect.signature(DistributedDataParallel.__init__).parameters)
+    return {name: p.default for name, p in inspect.signature(DistributedDataParallel.__init__).parameters.items()}
 
 
-def _check_ddp_argument_types(kwargs: dict[str, Any]) -> None:
+def _check_ddp_arguments(kwargs: dict[str, Any], defaults: dict[str, Any]) -> None:
     """torch's DDP declares no types, so LightningCLI hands its arguments over as written on the command line
-    ("maybe" for a flag reached the C++ reducer as a traceback): a value must have its default's type."""
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel
-
-    defaults = {name: p.default for name, p in inspect.signature(DistributedDataParallel.__init__).parameters.items()}
+    ("maybe" for a flag reached the C++ reducer as a traceback): a value must have its default's type, and
+    ``bucket_cap_mb`` (default None) be a positive number, which torch does not check."""
     for name, value in kwargs.items():
-        default = defaults.get(name, inspect.Parameter.empty)
+        default = defaults.get(name)
         if isinstance(default, bool) and not isinstance(value, bool):
             wanted = "true or false"
         elif type(default) is int and (isinstance(value, bool) or not isinstance(value, int)):
             wanted = "a whole number"
+        elif name == "bucket_cap_mb" and not (
+            isinstance(value, int | float) and not isinstance(value, bool) and value > 0  # NaN fails too
+        ):
+            wanted = "a positive number of megabytes"
         else:
             continue
         raise ConfigError(f"MistralDDPStrategy: {name} must be {wanted}, got {value!r}.")
@@ -128,14 +130,9 @@ class MistralDDPStrategy(DDPStrategy):
         # DDP's defaults, except the buffers, which a LoRA Mistral never changes: no broadcast each step
         # (torch 2.13 renames the per-forward part of broadcast_buffers to forward_sync_buffers)
         kwargs = _set_arguments(kwargs)
-        _check_ddp_argument_types(kwargs)
-        bucket_mb = kwargs.get("bucket_cap_mb")
-        number = isinstance(bucket_mb, int | float) and not isinstance(bucket_mb, bool)
-        if bucket_mb is not None and not (number and bucket_mb > 0):  # torch takes negatives and NaN
-            raise ConfigError(
-                f"MistralDDPStrategy: bucket_cap_mb must be a positive number of megabytes, got {bucket_mb!r}."
-            )
-        buffers = "forward_sync_buffers" if "forward_sync_buffers" in _ddp_parameters() else "broadcast_buffers"
+        defaults = _ddp_defaults()
+        _check_ddp_arguments(kwargs, defaults)
+        buffers = "forward_sync_buffers" if "forward_sync_buffers" in defaults else "broadcast_buffers"
         kwargs.setdefault(buffers, False)
         super().__init__(static_graph=static_graph, gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)
 

@@ -104,7 +104,9 @@ class MistralDDPStrategy(DDPStrategy):
             with the whole batch would compute it up to summation order) or ``bfloat16`` (half the bytes
             on the wire, gradients rounded to bf16 before the mean).
         static_graph: Every trainable weight gets a gradient at every step (true of LoRA; set false for
-            a model with conditional branches).
+            a model with conditional branches). Unset: true, unless the run accumulates gradients over
+            several batches (``trainer.accumulate_grad_batches``), which torch's DDP cannot do with a
+            static graph (it skips the all-reduce of every batch but the last).
         gradient_as_bucket_view: Gradients are views into DDP's all-reduce buckets (saves a copy and the
             memory of one gradient set).
         **kwargs: Anything else ``DDPStrategy`` takes (``bucket_cap_mb``, ``timeout``, ...).
@@ -113,7 +115,7 @@ class MistralDDPStrategy(DDPStrategy):
     def __init__(
         self,
         gradient_reduce_dtype: str = "float32",
-        static_graph: bool = True,
+        static_graph: bool | None = None,
         gradient_as_bucket_view: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -134,7 +136,10 @@ class MistralDDPStrategy(DDPStrategy):
         _check_ddp_arguments(kwargs, defaults)
         buffers = "forward_sync_buffers" if "forward_sync_buffers" in defaults else "broadcast_buffers"
         kwargs.setdefault(buffers, False)
-        super().__init__(static_graph=static_graph, gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)
+        self.static_graph_setting = static_graph
+        if static_graph is not None:
+            kwargs["static_graph"] = static_graph
+        super().__init__(gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """DDP built on the stream the training steps run on. Lightning (2.6) builds it on a new side stream;
@@ -143,4 +148,30 @@ class MistralDDPStrategy(DDPStrategy):
         the side stream and back (torch warns: "The AccumulateGrad node's stream does not match ...")."""
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(module=model, device_ids=self.determine_ddp_device_ids(), **self._ddp_kwargs)
+        kwargs = dict(self._ddp_kwargs)
+        if self.static_graph_setting is None:
+            kwargs["static_graph"] = not accumulates_gradients(self.lightning_module.trainer)
+        return DistributedDataParallel(module=model, device_ids=self.determine_ddp_device_ids(), **kwargs)
+
+
+def accumulates_gradients(trainer) -> bool:
+    """Whether some optimizer steps of this run sum the gradients of several batches."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    scheduled = any(isinstance(callback, GradientAccumulationScheduler) for callback in trainer.callbacks)
+    return trainer.accumulate_grad_batches > 1 or scheduled
+
+
+def check_strategy_fits_accumulation(trainer) -> None:
+    """Refuse a static DDP graph with gradient accumulation before weights load: torch's DDP skips the
+    all-reduce of the batches before an optimizer step (``no_sync``), which a static graph does not allow
+    (its reducer fails an internal assertion in the first backward)."""
+    strategy = trainer.strategy
+    if not isinstance(strategy, DDPStrategy) or not accumulates_gradients(trainer):
+        return
+    if getattr(strategy, "_ddp_kwargs", {}).get("static_graph"):
+        raise ConfigError(
+            f"{type(strategy).__name__} with static_graph true cannot accumulate gradients "
+            f"(trainer.accumulate_grad_batches {trainer.accumulate_grad_batches}): leave trainer.strategy."
+            "static_graph unset (or set it false), or set trainer.accumulate_grad_batches 1."
+        )

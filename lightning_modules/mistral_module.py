@@ -444,9 +444,28 @@ class MistralModule(L.LightningModule):
         self._rng_to_restore = checkpoint.get("rng_states")
         self._resumed = True
 
+    def _gradients_from_cuda_graphs(self) -> bool:
+        """Whether the adapters' gradients come out of replayed CUDA graphs (compiled layers on a GPU)."""
+        return self.spec.compile == "layers-cudagraphs" and self.device.type == "cuda"
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        """Gradients are zeroed in place, not dropped, when they come out of CUDA graphs (see
+        ``on_train_start``)."""
+        optimizer.zero_grad(set_to_none=not self._gradients_from_cuda_graphs())
+
     def on_train_start(self) -> None:
         """Size the schedule to this run's length; after a resume, the configured optimizer settings
-        (not the checkpoint's) apply from the next step on."""
+        (not the checkpoint's) apply from the next step on.
+
+        With CUDA-graph layers every trainable weight gets its gradient tensor here, zeroed in place
+        after each optimizer step: a weight without one would take the graph's output tensor itself as
+        its gradient (autograd keeps the first gradient it is given), which the layer's next replay
+        overwrites, so a second batch before the optimizer step (gradient accumulation) failed with
+        "accessing tensor output of CUDAGraphs that has been overwritten"."""
+        if self._gradients_from_cuda_graphs():
+            for parameter in self.trainable_parameters():
+                if parameter.grad is None:
+                    parameter.grad = torch.zeros_like(parameter)
         if not self.trainer.optimizers:
             return
         hp = self.hparams

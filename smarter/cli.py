@@ -22,6 +22,7 @@ from callbacks.checkpoint_io import AtomicCheckpointIO
 from callbacks.interruption import StopOnSignal
 from callbacks.model_export import ExportAtFitEnd
 from callbacks.prediction_writer import JsonlPredictionWriter
+from callbacks.strategies import check_strategy_fits_accumulation
 from datamodules.treasure_island import TreasureIslandDataModule
 from foundation import ConfigError, RunStopped, check_writable_folder, find_config_error, is_global_zero
 from lightning_modules.checkpoints import read_checkpoint, refusal_message, setting_differences
@@ -82,6 +83,11 @@ def condense_parser_error(message: str) -> str:
     literal = re.match(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", detail)
     if literal:
         detail = f"{literal.group(2)!r} is not one of {literal.group(1)}"
+    if re.fullmatch(r"Expected a <class '\w+'>", detail):  # an optional setting: the value comes later
+        start = next(i for i, line in enumerate(lines) if detail in line)
+        given = [line.strip() for line in lines[start:] if line.strip().startswith("Given value: ")]
+        if given:
+            detail += ". Got value: " + given[0].removeprefix("Given value: ")
     simple = re.match(r"Expected a <class '(\w+)'>\. Got value: (.*)", detail)
     if simple and simple.group(1) in _TYPE_WORDS:
         detail = f"expected {_TYPE_WORDS[simple.group(1)]}, got {simple.group(2)!r}"
@@ -271,6 +277,8 @@ class SmarterCLI(LightningCLI):
                 check_writable_folder(dirpath, "the checkpoint folder")
         if subcommand == "fit" and hasattr(self.model, "check_can_fit"):
             self.model.check_can_fit()
+        if subcommand == "fit":
+            check_strategy_fits_accumulation(trainer)
         spec = getattr(self.model, "spec", None)
         if spec is not None:
             check_strategy_fits_compile(trainer.strategy, spec.compile)

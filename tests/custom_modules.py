@@ -99,7 +99,8 @@ class KilledWhileSaving(AtomicCheckpointIO):
 
 
 class RecordTrainingRows(L.Callback):
-    """Writes, per process, a digest of every scored training row it trains on (padding rows left out).
+    """Writes, per process, a digest of every scored training row it trains on (padding rows left out),
+    and, under DDP, whether DDP was built with a static graph (``static-graph-rank<N>.txt``).
 
     Args:
         folder: Where each process writes ``rank<N>.txt``.
@@ -107,6 +108,12 @@ class RecordTrainingRows(L.Callback):
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        static = getattr(trainer.strategy.model, "static_graph", None)
+        if static is not None:
+            with open(os.path.join(self.folder, f"static-graph-rank{trainer.global_rank}.txt"), "w") as handle:
+                handle.write(str(static))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         import hashlib

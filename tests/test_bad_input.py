@@ -163,6 +163,19 @@ CASES = [
         "trainer.strategy.static_graph: expected true or false, got 'perhaps'",
     ),
     Case(
+        "a static DDP graph with gradient accumulation",
+        [
+            *FIT,
+            "--trainer.strategy",
+            "callbacks.strategies.MistralDDPStrategy",
+            "--trainer.strategy.static_graph",
+            "true",
+            "--trainer.accumulate_grad_batches",
+            "2",
+        ],
+        "static_graph true cannot accumulate gradients",
+    ),
+    Case(
         "more new tokens than the model has positions",
         [*PREDICT, "--model.generation.max_new_tokens", "100000"],
         "beyond the model's 2048",

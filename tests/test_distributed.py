@@ -55,6 +55,8 @@ def test_fit_on_two_processes_sees_each_sample_once_writes_one_checkpoint_and_ex
     fit += ["-c", str(REPO_ROOT / "configs/callbacks/throughput.yaml"), "-c", TRACE]
     result = run_smarter(*fit, cwd=tmp_path, timeout=600, env=_env())
     assert result.returncode == 0, result.stderr[-3000:]
+    # no gradient accumulation: DDP's graph declared static (no per-step search for unused weights)
+    assert [(rows / f"static-graph-rank{rank}.txt").read_text() for rank in (0, 1)] == ["True", "True"]
     seen = [line for rank in (0, 1) for line in (rows / f"rank{rank}.txt").read_text().split()]
     from datamodules.treasure_island import TreasureIslandDataModule
 
@@ -101,6 +103,35 @@ def test_fit_on_two_processes_sees_each_sample_once_writes_one_checkpoint_and_ex
     first_single = scalars(one_run)["train/loss"][0]
     assert first_single[0] == logged["train/loss"][0][0] == 0
     assert logged["train/loss"][0][1] == pytest.approx(first_single[1], rel=1e-5)
+
+
+def test_ddp_accumulating_two_batches_a_step_trains_as_one_process_with_both_processes_batches(tmp_path, book_path):
+    """Gradient accumulation under the DDP strategy configs/distributed/ddp.yaml picks: its static graph
+    made DDP's reducer fail its first skipped all-reduce with an internal assertion; each optimizer step
+    must be the one a single process takes over the same blocks (process r: blocks r, r + 2, ...)."""
+    common = ["fit", "-c", TINY, *QUIET, *CPU, "--data.block_size", "256", "--trainer.max_steps", "2"]
+    common += ["--trainer.accumulate_grad_batches", "2", "--trainer.log_every_n_steps", "1"]
+    common += ["--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "2", "--model.warmup_steps", "0"]
+    runs = {}
+    for name, args in {
+        "two": [
+            *("--trainer.devices", "2", "--data.batch_size", "2"),
+            *("--trainer.strategy.class_path", "callbacks.strategies.MistralDDPStrategy"),
+            *("--trainer.callbacks+=custom_modules.RecordTrainingRows", "--trainer.callbacks.folder", str(tmp_path)),
+        ],
+        "one": ["--data.batch_size", "4"],
+    }.items():
+        (tmp_path / name).mkdir()
+        result = run_smarter(*common, *args, cwd=tmp_path / name, timeout=600, env=_env())
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = scalars(next((tmp_path / name / "runs" / "tiny").glob("version_*")))
+    for tag in ("train/loss", "val/ppl"):
+        two, one = runs["two"][tag], runs["one"][tag]
+        assert [step for step, _ in two] == [step for step, _ in one] and len(one) >= 1, tag
+        assert [value for _, value in two] == pytest.approx([value for _, value in one], rel=1e-5), tag
+    assert [(tmp_path / f"static-graph-rank{rank}.txt").read_text() for rank in (0, 1)] == ["False", "False"]
+    # the second step's loss differs from the first: the first step's update (of both batches) took effect
+    assert runs["one"]["train/loss"][0][1] != runs["one"]["train/loss"][-1][1]
 
 
 def test_predict_on_two_processes_writes_every_prompt_once_in_order(tmp_path, book_path):
@@ -233,7 +264,19 @@ def test_the_fsdp_and_ddp_configs_build_strategies_with_this_frameworks_settings
     ddp = build_cli([*common[:2], "-c", str(configs / "ddp.yaml"), *common[2:]], run=False).trainer.strategy
     assert isinstance(ddp, MistralDDPStrategy)
     settings = ddp._ddp_kwargs
-    assert settings["static_graph"] is settings["gradient_as_bucket_view"] is True
+    assert settings["gradient_as_bucket_view"] is True
+    # the graph is declared static when DDP is built, unless the run accumulates gradients
+    assert ddp.static_graph_setting is None and "static_graph" not in settings
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    from callbacks.strategies import accumulates_gradients
+
+    assert not accumulates_gradients(SimpleNamespace(accumulate_grad_batches=1, callbacks=[]))
+    assert accumulates_gradients(SimpleNamespace(accumulate_grad_batches=2, callbacks=[]))
+    scheduled = SimpleNamespace(accumulate_grad_batches=1, callbacks=[GradientAccumulationScheduler({1: 2})])
+    assert accumulates_gradients(scheduled)
     assert False in (settings.get("forward_sync_buffers"), settings.get("broadcast_buffers"))
     assert None not in settings.values()
     assert ddp._ddp_comm_hook is None  # float32 all-reduce unless asked for bfloat16

@@ -72,7 +72,7 @@ def test_trace_on_gpu_names_cuda_kernels(tmp_path, book_path):
     assert totals["operator_self_device_ms"] == pytest.approx(totals["device_time_in_steps_ms"], rel=0.05)
 
 
-def _fit_tiny_on_gpu(**spec) -> tuple[list[float], float]:
+def _fit_tiny_on_gpu(accumulate: int = 1, **spec) -> tuple[list[float], float]:
     losses: list[float] = []
 
     class Recorder(L.Callback):
@@ -81,7 +81,13 @@ def _fit_tiny_on_gpu(**spec) -> tuple[list[float], float]:
 
     L.seed_everything(0)
     module = MistralModule(source="tiny", quantization="nf4", lora=LoraSettings(r=8, alpha=16, dropout=0.0), **spec)
-    trainer = _gpu_trainer(max_steps=20, limit_val_batches=4, val_check_interval=20, callbacks=[Recorder()])
+    trainer = _gpu_trainer(
+        max_steps=20,
+        limit_val_batches=4,
+        val_check_interval=20 * accumulate,
+        callbacks=[Recorder()],
+        accumulate_grad_batches=accumulate,
+    )
     trainer.fit(module, datamodule=TreasureIslandDataModule(block_size=128, batch_size=4))
     return losses, float(trainer.callback_metrics["val/ppl"])
 
@@ -93,6 +99,17 @@ def test_the_fast_qlora_path_computes_the_plain_paths_losses_on_gpu(compiled, bo
     assert len(plain) == len(fast) == 20
     for step, (a, b) in enumerate(zip(plain, fast, strict=True), start=1):
         assert b == pytest.approx(a, rel=1e-2), step
+    assert fast_ppl == pytest.approx(plain_ppl, rel=1e-3)
+
+
+def test_cuda_graph_layers_accumulate_gradients_as_the_plain_path_does_on_gpu(book_path):
+    """Two batches an optimizer step: the second replay of each layer's graph must not overwrite the
+    first batch's gradients (it did: "accessing tensor output of CUDAGraphs that has been overwritten")."""
+    plain, plain_ppl = _fit_tiny_on_gpu(accumulate=2, kernels="off", loss="logits", compile="off")
+    fast, fast_ppl = _fit_tiny_on_gpu(accumulate=2, kernels="auto", loss="auto", compile="layers-cudagraphs")
+    assert len(plain) == len(fast) == 40
+    for batch, (a, b) in enumerate(zip(plain, fast, strict=True), start=1):
+        assert b == pytest.approx(a, rel=1e-2), batch
     assert fast_ppl == pytest.approx(plain_ppl, rel=1e-3)
 
 
@@ -175,9 +192,11 @@ needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs
 
 
 @needs_two_gpus
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp-qlora"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp-qlora", "ddp-accumulating-graphs"])
 def test_qlora_on_two_gpus_trains_checkpoints_once_and_exports_the_adapter(strategy, tmp_path, book_path):
-    """The tiny preset, nf4 QLoRA, on 2 GPUs: DDP, and FSDP with the 4-bit weights in bf16 containers."""
+    """The tiny preset, nf4 QLoRA, on 2 GPUs: DDP, FSDP with the 4-bit weights in bf16 containers, and
+    DDP accumulating two batches a step through CUDA-graph layers (which failed, in DDP's reducer and in
+    the graphs, before the static graph and the gradients were set up for it)."""
     import os
     import subprocess
     import sys
@@ -188,9 +207,16 @@ def test_qlora_on_two_gpus_trains_checkpoints_once_and_exports_the_adapter(strat
     model = ["--model.source", "tiny", "--model.compile", "off"]
     if strategy == "fsdp-qlora":
         model += ["--model.quant_storage", "bfloat16"]
+    config, steps = strategy, ["--trainer.max_steps", "4", "--trainer.val_check_interval", "4"]
+    if strategy == "ddp-accumulating-graphs":
+        config = "ddp"
+        model = ["--model.source", "tiny", "--model.compile", "layers-cudagraphs"]
+        model += ["--model.activation_checkpointing", "off"]
+        steps = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "8"]
+        steps += ["--trainer.accumulate_grad_batches", "2"]
     data = ["--data.block_size", "128", "--data.eval_stride", "128"]
-    args = ["fit", "-c", lean, "-c", str(REPO_ROOT / f"configs/distributed/{strategy}.yaml"), *model, *data]
-    args += ["--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.devices", "2"]
+    args = ["fit", "-c", lean, "-c", str(REPO_ROOT / f"configs/distributed/{config}.yaml"), *model, *data]
+    args += [*steps, "--trainer.devices", "2"]
     result = subprocess.run(
         [sys.executable, "-m", "smarter.cli", *args],
         cwd=tmp_path,

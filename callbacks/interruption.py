@@ -1,6 +1,7 @@
 """SIGTERM or SIGINT stops a run at the next clean point and keeps what it made.
 
-- ``fit``: after the current training batch, a checkpoint is written atomically
+- ``fit``: after the current optimizer step (with gradient accumulation, at the end of the batches that
+  make it up: a checkpoint holds no half-summed gradients), a checkpoint is written atomically
   (``interrupted-step<N>.ckpt`` in the checkpoint folder), its path is printed, and the run exits with
   ``128 + signal``. Resuming from it with ``--ckpt_path`` continues exactly (data order, schedule,
   random generators).
@@ -36,6 +37,13 @@ def _fitting(trainer: L.Trainer) -> bool:
     return getattr(trainer.state.fn, "value", None) == "fit"
 
 
+def _inside_accumulation_window(trainer: L.Trainer) -> bool:
+    """Whether the training batch that just ended left its gradients for the next batches to add to (no
+    optimizer step after it). Lightning's epoch loop keeps the rule; both released 2.x lines have it."""
+    should_accumulate = getattr(trainer.fit_loop.epoch_loop, "_should_accumulate", None)
+    return bool(should_accumulate()) if should_accumulate is not None else False
+
+
 def checkpoint_folder(trainer: L.Trainer) -> Path:
     """Where this run's checkpoints go: the checkpoint callback's folder, else ``<log dir>/checkpoints``."""
     callback = trainer.checkpoint_callback
@@ -55,6 +63,7 @@ class StopOnSignal(StageCallback):
         self._pending: tuple[Any, torch.Tensor] | None = None  # the all-reduce started at the last step
         self._common_batches = 0  # validate, test, predict: the batches every process has
         self._batches_seen = 0
+        self._stop_at_step_end = False  # fit: stop agreed in the middle of an accumulation window
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.received is not None:  # asked twice: stop now
@@ -70,6 +79,7 @@ class StopOnSignal(StageCallback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.received = None
         self._pending = None
+        self._stop_at_step_end = False
         if trainer.world_size > 1 and self._group is None:
             self._group = torch.distributed.new_group(backend="gloo")  # every process takes this hook
         if threading.current_thread() is not threading.main_thread() or self._previous:
@@ -127,7 +137,17 @@ class StopOnSignal(StageCallback):
     def on_stage_batch_end(
         self, stage: Stage, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any
     ) -> None:
-        if (_fitting(trainer) and stage != "train") or not self._stop_requested(trainer, stage):
+        if _fitting(trainer) and stage != "train":
+            return
+        if stage == "train":
+            if not (self._stop_at_step_end or self._stop_requested(trainer, stage)):
+                return
+            # a batch whose gradients wait for the next ones (accumulation) has not stepped the optimizer:
+            # a checkpoint here would lose them, and the resumed run would step on the rest alone
+            self._stop_at_step_end = _inside_accumulation_window(trainer)
+            if self._stop_at_step_end:
+                return
+        elif not self._stop_requested(trainer, stage):
             return
         signum = self.received or signal.SIGTERM
         name = signal.Signals(signum).name

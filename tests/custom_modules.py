@@ -52,16 +52,25 @@ class SignalAtStep(L.Callback):
             validation batches never stop a run).
         signum: The signal (15 is SIGTERM, 2 is SIGINT).
         rank: Only the process of this rank gets it (-1: every process).
+        train_batch: Training batch (counted from 1 over the run) after which to send it.
     """
 
     def __init__(
-        self, step: int = -1, predict_batch: int = -1, signum: int = 15, rank: int = -1, validate_batch: int = -1
+        self,
+        step: int = -1,
+        predict_batch: int = -1,
+        signum: int = 15,
+        rank: int = -1,
+        validate_batch: int = -1,
+        train_batch: int = -1,
     ) -> None:
         self.step, self.predict_batch, self.signum, self.rank = step, predict_batch, signum, rank
-        self.validate_batch = validate_batch
+        self.validate_batch, self.train_batch, self.train_batches = validate_batch, train_batch, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step and self.rank in (-1, trainer.global_rank):
+        self.train_batches += 1
+        now = trainer.global_step == self.step or self.train_batches == self.train_batch
+        if now and self.rank in (-1, trainer.global_rank):
             os.kill(os.getpid(), self.signum)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:

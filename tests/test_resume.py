@@ -95,6 +95,24 @@ def test_sigterm_writes_a_checkpoint_exits_nonzero_and_resumes_exactly(uninterru
     assert (_run(tmp_path, "b") / "export" / "adapter" / "adapter_config.json").is_file()
 
 
+def test_sigterm_inside_an_accumulation_window_stops_at_its_step_end_and_resumes_exactly(
+    tmp_path, monkeypatch, capsys, book_path
+):
+    """With two batches a step, a signal after the first batch of a step stops after the second: a checkpoint
+    between them would lose the first batch's gradients (the resumed run stepped on the second alone)."""
+    # 5 batches an epoch: steps end after batches 2, 4 and 5 (the epoch's last batch steps alone), 7, 9, 10
+    accumulate = ["--trainer.accumulate_grad_batches", "2", "--trainer.max_steps", "6"]
+    assert _fit(tmp_path, monkeypatch, *accumulate, "--trainer.logger.init_args.version", "full") == 0
+    stop = ["--trainer.callbacks+=custom_modules.SignalAtStep", "--trainer.callbacks.train_batch", "3"]
+    assert _fit(tmp_path, monkeypatch, *accumulate, "--trainer.logger.init_args.version", "a", *stop) == 128 + 15
+    assert "SIGTERM received: stopped after step 2; checkpoint written to" in capsys.readouterr().err
+    (checkpoint,) = (_run(tmp_path, "a") / "checkpoints").glob("interrupted-*.ckpt")
+    assert checkpoint.name == "interrupted-step2.ckpt"
+    resume = ["--trainer.logger.init_args.version", "b", "--ckpt_path", str(checkpoint)]
+    assert _fit(tmp_path, monkeypatch, *accumulate, *resume) == 0
+    _assert_same_curve(_run(tmp_path, "full"), _run(tmp_path, "b"), 2)
+
+
 def test_a_longer_resumed_run_follows_its_own_schedule(tmp_path, monkeypatch, book_path):
     assert _fit(tmp_path, monkeypatch, "--trainer.max_steps", "8", "--trainer.logger.init_args.version", "short") == 0
     (checkpoint,) = (_run(tmp_path, "short") / "checkpoints").glob("*.ckpt")

@@ -156,7 +156,7 @@ def keep_layer_graphs_whole() -> None:
     fp32) would compile as two graphs under DDP: two CUDA graphs a layer, fusions lost at the cut, about 14
     more kernels a layer a step than one GPU runs. With one graph per layer, DDP's reducer still starts each
     layer's all-reduce when that layer's backward ends, overlapped with the backward of the layers still to
-    come, so the cut buys nothing.
+    come, so the cut buys nothing (and, measured on 2 H200s, costs nothing measurable either).
     """
     import torch._dynamo
 

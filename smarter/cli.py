@@ -119,6 +119,26 @@ def fail(message: str) -> NoReturn:
 _FSDP_CASTS_TO = {"bf16-true": "bfloat16", "16-true": "float16", "32-true": "float32", "64-true": "float64"}
 
 
+def check_trainer_numbers(trainer) -> None:
+    """Trainer settings Lightning takes but cannot run (a traceback mid-run) or runs wrongly (silently):
+    ``accumulate_grad_batches`` 0 divides by zero and -1 stepped after every batch; ``val_check_interval`` 0
+    divides by zero; a negative ``gradient_clip_val`` would scale gradients by a negative factor."""
+    import math
+
+    accumulate = trainer.accumulate_grad_batches
+    if accumulate < 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches must be a whole number of at least 1, got {accumulate}.")
+    interval = trainer.val_check_interval
+    if isinstance(interval, int | float) and not interval > 0:  # NaN fails too
+        raise ConfigError(
+            f"trainer.val_check_interval must be a number of batches (at least 1) or a fraction of the epoch "
+            f"in (0, 1], got {interval}."
+        )
+    clip = trainer.gradient_clip_val
+    if clip is not None and (math.isnan(clip) or clip < 0):
+        raise ConfigError(f"trainer.gradient_clip_val must be positive (or unset for no clipping), got {clip}.")
+
+
 def check_strategy_fits_compile(strategy, compile_mode: str) -> None:
     """Refuse CUDA-graph layers under FSDP (before weights load): FSDP gathers each layer's weights before
     its forward and frees them after, so the weights a recorded graph reads do not stay where it read them."""
@@ -278,6 +298,7 @@ class SmarterCLI(LightningCLI):
         if subcommand == "fit" and hasattr(self.model, "check_can_fit"):
             self.model.check_can_fit()
         if subcommand == "fit":
+            check_trainer_numbers(trainer)
             check_strategy_fits_accumulation(trainer)
         spec = getattr(self.model, "spec", None)
         if spec is not None:

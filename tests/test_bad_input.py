@@ -176,6 +176,21 @@ CASES = [
         "static_graph true cannot accumulate gradients",
     ),
     Case(
+        "no batch a step (gradient accumulation 0)",
+        [*FIT, "--trainer.accumulate_grad_batches", "0"],
+        "trainer.accumulate_grad_batches must be a whole number of at least 1, got 0",
+    ),
+    Case(
+        "validation every 0 batches",
+        [*FIT, "--trainer.val_check_interval", "0"],
+        "trainer.val_check_interval must be a number of batches",
+    ),
+    Case(
+        "a negative gradient clipping norm",
+        [*FIT, "--trainer.gradient_clip_val", "-1"],
+        "trainer.gradient_clip_val must be positive",
+    ),
+    Case(
         "more new tokens than the model has positions",
         [*PREDICT, "--model.generation.max_new_tokens", "100000"],
         "beyond the model's 2048",

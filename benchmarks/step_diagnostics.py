@@ -183,7 +183,11 @@ class GpuPhaseTimer(L.Callback):
     during training (unlike ``PhaseTimer``): CUDA events recorded on the compute stream at the phase
     boundaries, read once training ends. A phase that grows under DDP against one GPU's is where the
     GPU waited (in the forward, for the token count's all-reduce; in the backward, for gradient
-    buckets; before the optimizer, for the last bucket). Prints one line per process.
+    buckets; before the optimizer, for the last bucket). Prints one ``[gpu-phase]`` line per process.
+
+    The host's clock is read at the same boundaries (a ``[host-phase]`` line, on CPUs too): the time the
+    host took to queue each phase. Where the host's forward takes as long as the GPU's, the GPU waited for
+    kernels to be queued (the host sets the pace), not for the other process.
 
         smarter fit ... --trainer.callbacks+=benchmarks.step_diagnostics.GpuPhaseTimer
     """
@@ -194,17 +198,25 @@ class GpuPhaseTimer(L.Callback):
         self.skip = skip
         self.steps: list[list[torch.cuda.Event]] = []
         self.current: list[torch.cuda.Event] | None = None
+        self.host_steps: list[list[float]] = []
+        self.host_current: list[float] | None = None
 
     def _record(self) -> None:
+        if self.host_current is not None:
+            self.host_current.append(time.perf_counter() * 1000)
         if self.current is not None:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             self.current.append(event)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.current = [] if torch.cuda.is_available() and batch_idx >= self.skip else None
+        timed = batch_idx >= self.skip
+        self.current = [] if torch.cuda.is_available() and timed else None
         if self.current is not None:
             self.steps.append(self.current)
+        self.host_current = [] if timed else None
+        if self.host_current is not None:
+            self.host_steps.append(self.host_current)
         self._record()
 
     def on_before_backward(self, trainer, pl_module, loss):
@@ -219,27 +231,39 @@ class GpuPhaseTimer(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._record()
 
-    def on_train_end(self, trainer, pl_module):
-        steps = [s for s in self.steps if len(s) == 5]
+    @classmethod
+    def phase_line(cls, steps: list[list], elapsed) -> str | None:
+        """Mean milliseconds a step of each phase (``elapsed(a, b)``: from boundary a to b), and the spread
+        of whole steps; None without a complete step."""
+        steps = [s for s in steps if len(s) == 5]
         if not steps:
-            return
-        torch.cuda.synchronize()
+            return None
         sums = collections.defaultdict(float)
-        totals = []  # each step's first to last event: the spread shows waits that come and go
+        totals = []  # each step's first to last boundary: the spread shows waits that come and go
         for previous, step in zip([None, *steps[:-1]], steps, strict=True):
-            totals.append(step[0].elapsed_time(step[-1]))
+            totals.append(elapsed(step[0], step[-1]))
             if previous is not None:
-                sums["between"] += previous[-1].elapsed_time(step[0])
-            for name, (start, end) in zip(self.PHASES[1:], itertools.pairwise(step), strict=True):
-                sums[name] += start.elapsed_time(end)
+                sums["between"] += elapsed(previous[-1], step[0])
+            for name, (start, end) in zip(cls.PHASES[1:], itertools.pairwise(step), strict=True):
+                sums[name] += elapsed(start, end)
         sums["between"] /= max(1, len(steps) - 1)
-        for name in self.PHASES[1:]:
+        for name in cls.PHASES[1:]:
             sums[name] /= len(steps)
         total = sum(sums.values())
-        print(
-            f"[gpu-phase] rank {trainer.global_rank} ms/step over {len(steps)} steps: "
-            + ", ".join(f"{name} {sums[name]:.1f}" for name in self.PHASES)
+        return (
+            f"ms/step over {len(steps)} steps: "
+            + ", ".join(f"{name} {sums[name]:.1f}" for name in cls.PHASES)
             + f", total {total:.1f}; step min {min(totals):.1f} median {sorted(totals)[len(totals) // 2]:.1f}"
-            + f" max {max(totals):.1f}",
-            flush=True,
+            + f" max {max(totals):.1f}"
         )
+
+    def on_train_end(self, trainer, pl_module):
+        rank = trainer.global_rank
+        host = self.phase_line(self.host_steps, lambda start, end: end - start)
+        if host is not None:
+            print(f"[host-phase] rank {rank} {host}", flush=True)
+        if self.steps:
+            torch.cuda.synchronize()
+            gpu = self.phase_line(self.steps, lambda start, end: start.elapsed_time(end))
+            if gpu is not None:
+                print(f"[gpu-phase] rank {rank} {gpu}", flush=True)

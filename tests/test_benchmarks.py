@@ -126,3 +126,28 @@ def test_an_interrupted_run_stops_its_workload_and_keeps_the_finished_rounds(tmp
     assert summary["rounds"][1] == {}
     rates = summary["results"]["fit:configs/tiny.yaml"]["rounds_tokens_per_s"]
     assert len(rates) == 1 and rates[0] > 0
+
+
+def test_the_phase_timer_reports_the_hosts_time_per_phase_on_a_cpu(capsys):
+    """The host's clock at the phase boundaries (a CPU has no CUDA events: only the host line)."""
+    import re
+    import time
+    from types import SimpleNamespace
+
+    from benchmarks.step_diagnostics import GpuPhaseTimer
+
+    timer, trainer = GpuPhaseTimer(skip=2), SimpleNamespace(global_rank=0)
+    for batch_idx in range(6):
+        timer.on_train_batch_start(trainer, None, None, batch_idx)
+        time.sleep(0.02)  # the forward
+        timer.on_before_backward(trainer, None, None)
+        time.sleep(0.01)  # the backward
+        timer.on_after_backward(trainer, None)
+        timer.on_before_optimizer_step(trainer, None, None)
+        timer.on_train_batch_end(trainer, None, None, None, batch_idx)
+    timer.on_train_end(trainer, None)
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("[host-phase] rank 0 ms/step over 4 steps: ")  # the first 2 batches skipped
+    phases = {name: float(value) for name, value in re.findall(r"(\w+) (\d+\.\d)", line)}
+    assert 20 <= phases["forward"] < 200 and 10 <= phases["backward"] < 100
+    assert phases["forward"] > phases["backward"] > phases["to_optimizer"]

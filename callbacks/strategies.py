@@ -2,9 +2,10 @@
 
 ``MistralDDPStrategy`` is Lightning's DDP set up for adapter training: the graph is declared static
 (every adapter trains at every step, so DDP skips its per-step search for unused parameters and
-rebuilds no bucket), gradients live in DDP's buckets (no copy into them), the all-reduce may carry
-them in bfloat16 (half the bytes; each process's float32 gradients are rounded before averaging), and
-DDP is built on the compute stream (Lightning's side stream made every gradient cross streams).
+rebuilds no bucket) unless the run accumulates gradients over several batches, gradients live in
+DDP's buckets (no copy into them), the all-reduce may carry them in bfloat16 (half the bytes; each
+process's float32 gradients are rounded before averaging), and DDP is built on the compute stream
+(Lightning's side stream made every gradient cross streams).
 
 ``MistralFSDPStrategy`` is Lightning's FSDP set up for a Mistral with LoRA, the base quantized or not:
 each decoder layer is its own FSDP unit, and so is each trainable adapter matrix, so that a layer's
@@ -96,8 +97,8 @@ class MistralFSDPStrategy(FSDPStrategy):
 
 
 class MistralDDPStrategy(DDPStrategy):
-    """Lightning's ``DDPStrategy`` for LoRA and QLoRA: a static graph, gradients as views of DDP's buckets,
-    and a chosen all-reduce dtype.
+    """Lightning's ``DDPStrategy`` for LoRA and QLoRA: a static graph (without gradient accumulation),
+    gradients as views of DDP's buckets, and a chosen all-reduce dtype.
 
     Args:
         gradient_reduce_dtype: ``float32`` (exact: the mean of every process's gradients, as one process

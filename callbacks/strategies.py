@@ -171,8 +171,9 @@ def check_strategy_fits_accumulation(trainer) -> None:
     if not isinstance(strategy, DDPStrategy) or not accumulates_gradients(trainer):
         return
     if getattr(strategy, "_ddp_kwargs", {}).get("static_graph"):
+        batches = trainer.accumulate_grad_batches
+        how = f"trainer.accumulate_grad_batches {batches}" if batches > 1 else "a GradientAccumulationScheduler"
         raise ConfigError(
-            f"{type(strategy).__name__} with static_graph true cannot accumulate gradients "
-            f"(trainer.accumulate_grad_batches {trainer.accumulate_grad_batches}): leave trainer.strategy."
-            "static_graph unset (or set it false), or set trainer.accumulate_grad_batches 1."
+            f"{type(strategy).__name__} with static_graph true cannot accumulate gradients ({how}): leave "
+            "trainer.strategy.static_graph unset (or set it false), or accumulate no gradients."
         )

@@ -176,6 +176,16 @@ CASES = [
         "static_graph true cannot accumulate gradients",
     ),
     Case(
+        "a static DDP graph with an accumulation schedule",
+        [
+            *FIT,
+            *("--trainer.strategy", "callbacks.strategies.MistralDDPStrategy", "--trainer.strategy.static_graph"),
+            *("true", "--trainer.callbacks+=GradientAccumulationScheduler", "--trainer.callbacks.scheduling"),
+            "{0: 2}",
+        ],
+        "cannot accumulate gradients (a GradientAccumulationScheduler)",
+    ),
+    Case(
         "no batch a step (gradient accumulation 0)",
         [*FIT, "--trainer.accumulate_grad_batches", "0"],
         "trainer.accumulate_grad_batches must be a whole number of at least 1, got 0",

@@ -211,12 +211,12 @@ class GpuPhaseTimer(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         timed = batch_idx >= self.skip
-        self.current = [] if torch.cuda.is_available() and timed else None
+        self.host_current = [] if timed else None
+        self.current = [] if timed and torch.cuda.is_available() else None
+        if timed:
+            self.host_steps.append(self.host_current)
         if self.current is not None:
             self.steps.append(self.current)
-        self.host_current = [] if timed else None
-        if self.host_current is not None:
-            self.host_steps.append(self.host_current)
         self._record()
 
     def on_before_backward(self, trainer, pl_module, loss):

@@ -137,10 +137,14 @@ class MistralDDPStrategy(DDPStrategy):
         _check_ddp_arguments(kwargs, defaults)
         buffers = "forward_sync_buffers" if "forward_sync_buffers" in defaults else "broadcast_buffers"
         kwargs.setdefault(buffers, False)
-        self.static_graph_setting = static_graph
-        if static_graph is not None:
+        if static_graph is not None:  # unset: decided when DDP is built (see _setup_model)
             kwargs["static_graph"] = static_graph
         super().__init__(gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)
+
+    @property
+    def static_graph_setting(self) -> bool | None:
+        """``static_graph`` as configured; None when unset."""
+        return self._ddp_kwargs.get("static_graph")
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """DDP built on the stream the training steps run on. Lightning (2.6) builds it on a new side stream;
@@ -150,8 +154,7 @@ class MistralDDPStrategy(DDPStrategy):
         from torch.nn.parallel import DistributedDataParallel
 
         kwargs = dict(self._ddp_kwargs)
-        if self.static_graph_setting is None:
-            kwargs["static_graph"] = not accumulates_gradients(self.lightning_module.trainer)
+        kwargs.setdefault("static_graph", not accumulates_gradients(self.lightning_module.trainer))
         return DistributedDataParallel(module=model, device_ids=self.determine_ddp_device_ids(), **kwargs)
 
 

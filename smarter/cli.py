@@ -295,9 +295,9 @@ class SmarterCLI(LightningCLI):
             dirpath = getattr(callback, "dirpath", None)
             if dirpath:
                 check_writable_folder(dirpath, "the checkpoint folder")
-        if subcommand == "fit" and hasattr(self.model, "check_can_fit"):
-            self.model.check_can_fit()
         if subcommand == "fit":
+            if hasattr(self.model, "check_can_fit"):
+                self.model.check_can_fit()
             check_trainer_numbers(trainer)
             check_strategy_fits_accumulation(trainer)
         spec = getattr(self.model, "spec", None)

@@ -14,6 +14,8 @@
 import collections
 import gzip
 import itertools
+import json
+import os
 import pickle
 import time
 
@@ -185,21 +187,43 @@ class GpuPhaseTimer(L.Callback):
     GPU waited (in the forward, for the token count's all-reduce; in the backward, for gradient
     buckets; before the optimizer, for the last bucket). Prints one ``[gpu-phase]`` line per process.
 
+    The forward is split where the decoder stack returns (``layers``, then ``loss``: the LM head, the
+    loss and, under DDP, the token count's all-reduce), when the module has one.
+
     The host's clock is read at the same boundaries (a ``[host-phase]`` line, on CPUs too): the time the
     host took to queue each phase. Where the host's forward takes as long as the GPU's, the GPU waited for
     kernels to be queued (the host sets the pace), not for the other process.
+
+    With ``dump_dir``, each process also writes every timed step (host clock at each boundary, which
+    processes of one machine share, and GPU milliseconds per phase) to ``phases-rank<N>.json`` there:
+    which process waited for which, step by step.
 
         smarter fit ... --trainer.callbacks+=benchmarks.step_diagnostics.GpuPhaseTimer
     """
 
     PHASES = ("between", "forward", "backward", "to_optimizer", "optimizer_and_end")
+    SPLIT_PHASES = ("between", "layers", "loss", "backward", "to_optimizer", "optimizer_and_end")
 
-    def __init__(self, skip: int = 4):
+    def __init__(self, skip: int = 4, dump_dir: str | None = None):
         self.skip = skip
+        self.dump_dir = dump_dir
+        self.phases = self.PHASES
         self.steps: list[list[torch.cuda.Event]] = []
         self.current: list[torch.cuda.Event] | None = None
         self.host_steps: list[list[float]] = []
         self.host_current: list[float] | None = None
+        self._hook = None
+
+    def on_train_start(self, trainer, pl_module):
+        causal_lm = getattr(pl_module, "_causal_lm", None)
+        decoder = getattr(causal_lm(), "model", None) if causal_lm is not None else None
+        if isinstance(decoder, torch.nn.Module) and self._hook is None:
+            self._hook = decoder.register_forward_hook(self._after_decoder)
+            self.phases = self.SPLIT_PHASES
+
+    def _after_decoder(self, module, args, output):
+        if self.host_current is not None and len(self.host_current) == 1:  # once a step, in training
+            self._record()
 
     def _record(self) -> None:
         if self.host_current is not None:
@@ -231,11 +255,10 @@ class GpuPhaseTimer(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._record()
 
-    @classmethod
-    def phase_line(cls, steps: list[list], elapsed) -> str | None:
+    def phase_line(self, steps: list[list], elapsed) -> str | None:
         """Mean milliseconds a step of each phase (``elapsed(a, b)``: from boundary a to b), and the spread
         of whole steps; None without a complete step."""
-        steps = [s for s in steps if len(s) == 5]
+        steps = [s for s in steps if len(s) == len(self.phases)]
         if not steps:
             return None
         sums = collections.defaultdict(float)
@@ -244,26 +267,36 @@ class GpuPhaseTimer(L.Callback):
             totals.append(elapsed(step[0], step[-1]))
             if previous is not None:
                 sums["between"] += elapsed(previous[-1], step[0])
-            for name, (start, end) in zip(cls.PHASES[1:], itertools.pairwise(step), strict=True):
+            for name, (start, end) in zip(self.phases[1:], itertools.pairwise(step), strict=True):
                 sums[name] += elapsed(start, end)
         sums["between"] /= max(1, len(steps) - 1)
-        for name in cls.PHASES[1:]:
+        for name in self.phases[1:]:
             sums[name] /= len(steps)
         total = sum(sums.values())
         return (
             f"ms/step over {len(steps)} steps: "
-            + ", ".join(f"{name} {sums[name]:.1f}" for name in cls.PHASES)
+            + ", ".join(f"{name} {sums[name]:.1f}" for name in self.phases)
             + f", total {total:.1f}; step min {min(totals):.1f} median {sorted(totals)[len(totals) // 2]:.1f}"
             + f" max {max(totals):.1f}"
         )
 
     def on_train_end(self, trainer, pl_module):
         rank = trainer.global_rank
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         host = self.phase_line(self.host_steps, lambda start, end: end - start)
         if host is not None:
             print(f"[host-phase] rank {rank} {host}", flush=True)
+        gpu_ms: list[list[float]] = []
         if self.steps:
             torch.cuda.synchronize()
             gpu = self.phase_line(self.steps, lambda start, end: start.elapsed_time(end))
             if gpu is not None:
                 print(f"[gpu-phase] rank {rank} {gpu}", flush=True)
+            gpu_ms = [[a.elapsed_time(b) for a, b in itertools.pairwise(s)] for s in self.steps]
+        if self.dump_dir is not None:
+            os.makedirs(self.dump_dir, exist_ok=True)
+            record = {"rank": rank, "phases": self.phases, "host_ms": self.host_steps, "gpu_phase_ms": gpu_ms}
+            with open(os.path.join(self.dump_dir, f"phases-rank{rank}.json"), "w") as out:
+                json.dump(record, out)

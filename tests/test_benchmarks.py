@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import speed_side_by_side as bench
+import torch
 
 ONE = "fit:configs/finetune/qlora-fast.yaml"
 DDP = "fit:configs/finetune/qlora-fast.yaml -c configs/distributed/ddp.yaml"
@@ -151,3 +153,38 @@ def test_the_phase_timer_reports_the_hosts_time_per_phase_on_a_cpu(capsys):
     phases = {name: float(value) for name, value in re.findall(r"(\w+) (\d+\.\d)", line)}
     assert 20 <= phases["forward"] < 200 and 10 <= phases["backward"] < 100
     assert phases["forward"] > phases["backward"] > phases["to_optimizer"]
+
+
+def test_the_phase_timer_splits_the_forward_where_the_decoder_returns_and_dumps_each_step(tmp_path, capsys):
+    """With a decoder stack, the forward is timed as layers then loss; every step's boundaries are written."""
+    import json
+    import re
+    import time
+    from types import SimpleNamespace
+
+    from benchmarks.step_diagnostics import GpuPhaseTimer
+
+    decoder = torch.nn.Linear(2, 2)
+    module = SimpleNamespace(_causal_lm=lambda: SimpleNamespace(model=decoder))
+    timer, trainer = GpuPhaseTimer(skip=1, dump_dir=str(tmp_path)), SimpleNamespace(global_rank=1)
+    timer.on_train_start(trainer, module)
+    for batch_idx in range(4):
+        timer.on_train_batch_start(trainer, module, None, batch_idx)
+        time.sleep(0.02)  # the layers
+        decoder(torch.zeros(1, 2))
+        time.sleep(0.01)  # the loss
+        timer.on_before_backward(trainer, module, None)
+        decoder(torch.zeros(1, 2))  # a recomputation in the backward is not a boundary
+        timer.on_after_backward(trainer, module)
+        timer.on_before_optimizer_step(trainer, module, None)
+        timer.on_train_batch_end(trainer, module, None, None, batch_idx)
+    timer.on_train_end(trainer, module)
+    decoder(torch.zeros(1, 2))  # the hook is gone after training
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("[host-phase] rank 1 ms/step over 3 steps: ")
+    phases = {name: float(value) for name, value in re.findall(r"(\w+) (\d+\.\d)", line)}
+    assert 20 <= phases["layers"] < 200 and 10 <= phases["loss"] < 100 and "forward" not in phases
+    record = json.loads((tmp_path / "phases-rank1.json").read_text())
+    assert record["phases"][1:3] == ["layers", "loss"] and record["gpu_phase_ms"] == []
+    assert [len(step) for step in record["host_ms"]] == [6, 6, 6]
+    assert all(b >= a for step in record["host_ms"] for a, b in itertools.pairwise(step))

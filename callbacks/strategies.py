@@ -4,8 +4,9 @@
 (every adapter trains at every step, so DDP skips its per-step search for unused parameters and
 rebuilds no bucket) unless the run accumulates gradients over several batches, gradients live in
 DDP's buckets (no copy into them), the all-reduce may carry them in bfloat16 (half the bytes; each
-process's float32 gradients are rounded before averaging), and DDP is built on the compute stream
-(Lightning's side stream made every gradient cross streams).
+process's float32 gradients are rounded before averaging), NCCL may be kept off peer-to-peer transfers
+between a machine's GPUs (``configs/distributed/ddp.yaml`` does: faster for adapter gradients on 2 H200s),
+and DDP is built on the compute stream (Lightning's side stream made every gradient cross streams).
 
 ``MistralFSDPStrategy`` is Lightning's FSDP set up for a Mistral with LoRA, the base quantized or not:
 each decoder layer is its own FSDP unit, and so is each trainable adapter matrix, so that a layer's
@@ -19,6 +20,7 @@ floating-point tensors, and bitsandbytes recovers each layer's quantization stat
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -110,6 +112,10 @@ class MistralDDPStrategy(DDPStrategy):
             static graph (it skips the all-reduce of every batch but the last).
         gradient_as_bucket_view: Gradients are views into DDP's all-reduce buckets (saves a copy and the
             memory of one gradient set).
+        nccl_peer_to_peer: Let NCCL move gradients between the GPUs of a machine directly (NVLink or PCIe
+            peer access, its default). False sets ``NCCL_P2P_DISABLE=1`` in every process before NCCL
+            starts: the all-reduce then goes through host memory, slower, but its kernels no longer contend
+            with the backward's matrix products for the GPU's memory (see BENCHMARKS.md for when it pays).
         **kwargs: Anything else ``DDPStrategy`` takes (``bucket_cap_mb``, ``timeout``, ...).
     """
 
@@ -118,8 +124,14 @@ class MistralDDPStrategy(DDPStrategy):
         gradient_reduce_dtype: str = "float32",
         static_graph: bool | None = None,
         gradient_as_bucket_view: bool = True,
+        nccl_peer_to_peer: bool = True,
         **kwargs: Any,
     ) -> None:
+        if not isinstance(nccl_peer_to_peer, bool):
+            raise ConfigError(
+                f"MistralDDPStrategy: nccl_peer_to_peer must be true or false, got {nccl_peer_to_peer!r}."
+            )
+        self.nccl_peer_to_peer = nccl_peer_to_peer
         if gradient_reduce_dtype not in GRADIENT_REDUCE_DTYPES:
             raise ConfigError(
                 f"MistralDDPStrategy: gradient_reduce_dtype must be one of {', '.join(GRADIENT_REDUCE_DTYPES)}, "
@@ -140,6 +152,11 @@ class MistralDDPStrategy(DDPStrategy):
         if static_graph is not None:  # unset: decided when DDP is built (see _setup_model)
             kwargs["static_graph"] = static_graph
         super().__init__(gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)
+
+    def setup_environment(self) -> None:
+        if not self.nccl_peer_to_peer:  # read by NCCL when its communicator starts, after this
+            os.environ["NCCL_P2P_DISABLE"] = "1"
+        super().setup_environment()
 
     @property
     def static_graph_setting(self) -> bool | None:

@@ -109,7 +109,8 @@ class KilledWhileSaving(AtomicCheckpointIO):
 
 class RecordTrainingRows(L.Callback):
     """Writes, per process, a digest of every scored training row it trains on (padding rows left out),
-    and, under DDP, whether DDP was built with a static graph (``static-graph-rank<N>.txt``).
+    and, under DDP, whether DDP was built with a static graph (``static-graph-rank<N>.txt``) and the
+    ``NCCL_P2P_DISABLE`` the process had when training started (``nccl-p2p-disable-rank<N>.txt``).
 
     Args:
         folder: Where each process writes ``rank<N>.txt``.
@@ -123,6 +124,8 @@ class RecordTrainingRows(L.Callback):
         if static is not None:
             with open(os.path.join(self.folder, f"static-graph-rank{trainer.global_rank}.txt"), "w") as handle:
                 handle.write(str(static))
+            with open(os.path.join(self.folder, f"nccl-p2p-disable-rank{trainer.global_rank}.txt"), "w") as handle:
+                handle.write(os.environ.get("NCCL_P2P_DISABLE", "unset"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         import hashlib

@@ -49,6 +49,7 @@ def test_fit_on_two_processes_sees_each_sample_once_writes_one_checkpoint_and_ex
     # the strategy configs/distributed/ddp.yaml picks (static graph, gradients in DDP's buckets)
     fit = ["fit", "-c", TINY, *QUIET, *CPU, "--trainer.devices", "2"]
     fit += ["--trainer.strategy.class_path", "callbacks.strategies.MistralDDPStrategy"]
+    fit += ["--trainer.strategy.nccl_peer_to_peer", "false"]
     fit += ["--data.block_size", "256", "--data.batch_size", "4", "--trainer.max_epochs", "1"]
     fit += ["--trainer.val_check_interval", "1.0", "--trainer.log_every_n_steps", "1"]
     fit += ["--trainer.callbacks+=custom_modules.RecordTrainingRows", "--trainer.callbacks.folder", str(rows)]
@@ -57,6 +58,8 @@ def test_fit_on_two_processes_sees_each_sample_once_writes_one_checkpoint_and_ex
     assert result.returncode == 0, result.stderr[-3000:]
     # no gradient accumulation: DDP's graph declared static (no per-step search for unused weights)
     assert [(rows / f"static-graph-rank{rank}.txt").read_text() for rank in (0, 1)] == ["True", "True"]
+    # NCCL's peer-to-peer transport turned off in every process, before its process group started
+    assert [(rows / f"nccl-p2p-disable-rank{rank}.txt").read_text() for rank in (0, 1)] == ["1", "1"]
     seen = [line for rank in (0, 1) for line in (rows / f"rank{rank}.txt").read_text().split()]
     from datamodules.treasure_island import TreasureIslandDataModule
 
@@ -281,6 +284,24 @@ def test_the_fsdp_and_ddp_configs_build_strategies_with_this_frameworks_settings
     assert None not in settings.values()
     assert ddp._ddp_comm_hook is None  # float32 all-reduce unless asked for bfloat16
     assert MistralDDPStrategy(gradient_reduce_dtype="bfloat16")._ddp_comm_hook.__name__ == "bf16_compress_hook"
+    assert ddp.nccl_peer_to_peer is False  # the config's choice for adapter-sized gradients
+    assert MistralDDPStrategy().nccl_peer_to_peer is True  # NCCL's own default otherwise
+
+
+def test_nccl_peer_to_peer_off_is_set_before_the_process_group_starts_and_on_leaves_the_environment(monkeypatch):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from callbacks.strategies import MistralDDPStrategy
+    from foundation import ConfigError
+
+    seen = []
+    monkeypatch.setattr(DDPStrategy, "setup_environment", lambda self: seen.append(os.environ.get("NCCL_P2P_DISABLE")))
+    monkeypatch.delenv("NCCL_P2P_DISABLE", raising=False)
+    MistralDDPStrategy().setup_environment()
+    MistralDDPStrategy(nccl_peer_to_peer=False).setup_environment()
+    assert seen == [None, "1"]
+    with pytest.raises(ConfigError, match="nccl_peer_to_peer must be true or false, got 'no'"):
+        MistralDDPStrategy(nccl_peer_to_peer="no")
 
 
 def test_a_signal_to_one_process_stops_both_at_the_same_step_with_one_checkpoint(tmp_path, book_path):

@@ -346,6 +346,13 @@ def aggregate_rounds(rounds: list[dict[str, dict]]) -> dict[str, dict]:
     return merged
 
 
+def one_gpu_workload(name: str) -> str:
+    """The one-GPU workload a distributed one is compared with: its spec without the distributed config and
+    without settings of the strategy, the devices or the machines (``--trainer.strategy.init_args.x y``)."""
+    name = re.sub(r"\s+-c\s+configs/distributed/\S+", "", name)
+    return re.sub(r"\s+--trainer\.(?:strategy|devices|num_nodes)(?:\.\S+?)?(?:=\S+|\s+(?!--)\S+)", "", name)
+
+
 def scaling_note(result: dict, one_gpu: dict) -> str:
     """Several GPUs against one: the ratio of the reported figures, and with several rounds each round's
     ratio (both measured in the same round) and their range."""
@@ -417,7 +424,7 @@ def summary_table(results: dict[str, dict]) -> str:
         if base and family == "qlora" and no_dropout:
             versus += f" (x{rate / no_dropout:.2f} of plain without dropout)"
         wall = result.get("wall_tokens_per_s")
-        one_gpu = results.get(re.sub(r"\s+-c configs/distributed/\S+", "", name), {})
+        one_gpu = results.get(one_gpu_workload(name), {})
         if one_gpu is not result and "tokens_per_s" in one_gpu:  # several GPUs: the scaling over one
             versus = scaling_note(result, one_gpu)
         rows.append(

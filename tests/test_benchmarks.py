@@ -68,6 +68,19 @@ def test_the_scaling_column_shows_every_rounds_ratio_measured_in_that_round():
     assert "x1.90 of one GPU" in single and "rounds" not in single
 
 
+def test_a_distributed_workload_with_strategy_settings_is_compared_with_the_same_one_gpu_workload():
+    timer = " --trainer.callbacks+=benchmarks.step_diagnostics.GpuPhaseTimer"
+    variants = [
+        DDP + " --trainer.strategy.init_args.nccl_peer_to_peer false",
+        DDP + " --trainer.strategy.init_args.process_group_backend gloo" + timer,
+        DDP + " --trainer.devices=2 --trainer.strategy.bucket_cap_mb 1000",
+    ]
+    assert [bench.one_gpu_workload(v) for v in variants] == [ONE, ONE + timer, ONE]
+    assert bench.one_gpu_workload(ONE + " --trainer.max_steps 5") == ONE + " --trainer.max_steps 5"
+    table = bench.summary_table({ONE: {"tokens_per_s": 100.0}, variants[0]: {"tokens_per_s": 193.0}})
+    assert "x1.93 of one GPU" in table
+
+
 def test_repeats_run_every_workload_in_each_round_on_a_cpu(tmp_path, book_path):
     out = tmp_path / "bench"
     command = [sys.executable, str(REPO_ROOT / "benchmarks/speed_side_by_side.py"), "--out", str(out)]

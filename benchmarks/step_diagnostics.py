@@ -22,6 +22,8 @@ import time
 import lightning as L
 import torch
 
+from foundation import ConfigError
+
 SKIP = (
     "torch/nn/modules/module.py",
     "torch/utils/_contextlib.py",
@@ -205,6 +207,8 @@ class GpuPhaseTimer(L.Callback):
     SPLIT_PHASES = ("between", "layers", "loss", "backward", "to_optimizer", "optimizer_and_end")
 
     def __init__(self, skip: int = 4, dump_dir: str | None = None):
+        if dump_dir is not None and os.path.exists(dump_dir) and not os.path.isdir(dump_dir):
+            raise ConfigError(f"GpuPhaseTimer: dump_dir {dump_dir} is a file; give a folder (made if missing).")
         self.skip = skip
         self.dump_dir = dump_dir
         self.phases = self.PHASES

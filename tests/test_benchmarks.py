@@ -13,6 +13,7 @@ from pathlib import Path
 from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import pytest
 import speed_side_by_side as bench
 import torch
 
@@ -201,3 +202,15 @@ def test_the_phase_timer_splits_the_forward_where_the_decoder_returns_and_dumps_
     assert record["phases"][1:3] == ["layers", "loss"] and record["gpu_phase_ms"] == []
     assert [len(step) for step in record["host_ms"]] == [6, 6, 6]
     assert all(b >= a for step in record["host_ms"] for a, b in itertools.pairwise(step))
+
+
+def test_the_phase_timer_refuses_a_file_as_its_dump_folder_before_training(tmp_path):
+    from benchmarks.step_diagnostics import GpuPhaseTimer
+    from foundation import ConfigError
+
+    taken = tmp_path / "notes.txt"
+    taken.write_text("kept")
+    with pytest.raises(ConfigError, match="dump_dir .*notes.txt is a file; give a folder"):
+        GpuPhaseTimer(dump_dir=str(taken))
+    assert taken.read_text() == "kept"
+    GpuPhaseTimer(dump_dir=str(tmp_path / "new"))  # a missing folder is made when training ends

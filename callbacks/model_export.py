@@ -35,16 +35,24 @@ class ExportAtFitEnd(Callback):
             return Path(self.output_dir)
         return Path(trainer.log_dir or trainer.default_root_dir) / "export"
 
-    def check_target(self) -> None:
-        """Refuse an existing ``output_dir`` (before anything runs: nothing is changed)."""
+    def check_target(self, trainer: L.Trainer | None = None) -> None:
+        """Refuse an existing ``output_dir`` (before anything runs: nothing is changed), and, without a
+        logger (no per-run log folder), an existing ``<default_root_dir>/export`` left by an earlier run."""
         if self.output_dir and Path(self.output_dir).exists():
             raise ConfigError(
                 f"export output_dir {self.output_dir} already exists; choose another folder or move it away."
             )
+        if not self.output_dir and trainer is not None and not trainer.loggers:
+            folder = Path(trainer.default_root_dir) / "export"
+            if folder.exists():
+                raise ConfigError(
+                    f"{folder} already exists (with trainer.logger off every run exports there); set "
+                    "trainer.default_root_dir to another folder, turn the logger on, or move it away."
+                )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self.check_target()
+            self.check_target(trainer)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = self.folder(trainer)  # every process: the log folder is agreed on collectively

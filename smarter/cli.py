@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.checkpoint_io import AtomicCheckpointIO
@@ -24,7 +25,7 @@ from callbacks.model_export import ExportAtFitEnd
 from callbacks.prediction_writer import JsonlPredictionWriter
 from callbacks.strategies import check_strategy_fits_accumulation
 from datamodules.treasure_island import TreasureIslandDataModule
-from foundation import ConfigError, RunStopped, check_writable_folder, find_config_error, is_global_zero
+from foundation import ConfigError, RunStopped, check_writable_folder, find_config_error, is_global_zero, notify
 from lightning_modules.checkpoints import read_checkpoint, refusal_message, setting_differences
 from lightning_modules.generation import check_generation_fits, resolve_decoder, resolve_matvec
 from lightning_modules.mistral_module import MistralModule
@@ -278,6 +279,11 @@ class SmarterCLI(LightningCLI):
         if not any(isinstance(c, StopOnSignal) for c in callbacks):
             callbacks.append(StopOnSignal())  # last: it acts after the others have seen the batch
         self._check_outputs(subcommand)
+        monitors = [c for c in callbacks if isinstance(c, LearningRateMonitor)]
+        if monitors and not trainer.loggers:  # Lightning stops the run at its start: it has nowhere to write
+            for monitor in monitors:
+                callbacks.remove(monitor)
+            notify("trainer.logger is off, so the learning-rate monitor of the config is left out.")
 
     def _check_outputs(self, subcommand: str) -> None:
         trainer = self.trainer
@@ -291,7 +297,7 @@ class SmarterCLI(LightningCLI):
                 check_writable_folder(callback.target(trainer).parent, "the predictions folder")
                 callback.check_target(trainer)
             if isinstance(callback, ExportAtFitEnd) and subcommand == "fit":
-                callback.check_target()
+                callback.check_target(trainer)
             dirpath = getattr(callback, "dirpath", None)
             if dirpath:
                 check_writable_folder(dirpath, "the checkpoint folder")

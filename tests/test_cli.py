@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT
-from helpers import TINY, error_lines, run_smarter, scalars
+from helpers import QUIET, TINY, error_lines, run_smarter, scalars
 from lightning_modules import MistralModule
 from smarter.cli import COMMANDS, build_cli, condense_parser_error, main
 from smarter.config_files import expand_config_arguments, run_name
@@ -173,6 +173,18 @@ def test_a_subclass_of_the_module_runs_through_the_cli(tmp_path, monkeypatch, bo
     assert len(logged["train/z_loss"]) >= 1
     config = next((tmp_path / "runs").rglob("config.yaml")).read_text()
     assert "custom_modules.ZLossMistralModule" in config and "z_loss_coef: 0.001" in config
+
+
+def test_a_run_without_a_logger_trains_and_leaves_the_configs_learning_rate_monitor_out(
+    tmp_path, book_path, capsys, monkeypatch
+):
+    """tiny.yaml has a LearningRateMonitor, which Lightning refuses without a logger at the start of training
+    (a traceback before this was handled)."""
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "-c", TINY, *QUIET, "--data.block_size", "64", "--trainer.max_steps", "2"]
+    main([*args, "--trainer.limit_val_batches", "1", "--trainer.logger", "false"])
+    assert "trainer.logger is off, so the learning-rate monitor of the config is left out." in capsys.readouterr().err
+    assert (tmp_path / "export" / "model" / "model.safetensors").is_file()
 
 
 def test_bad_choice_on_the_command_line_is_one_line_naming_the_choices(tmp_path):

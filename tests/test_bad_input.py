@@ -165,7 +165,14 @@ CASES = [
     Case(
         "a run without a logger where an earlier one exported",
         [*FIT, "--trainer.logger", "false", "--trainer.default_root_dir", "{tmp}/no-logger-run"],
-        "no-logger-run/export already exists (with trainer.logger off every run exports there)",
+        "no-logger-run/export already exists: an earlier run of this log folder exported there; set another "
+        "trainer.default_root_dir (the logger is off)",
+    ),
+    Case(
+        "a pinned logger version whose earlier run exported",
+        [*FIT, "--trainer.logger.init_args.version", "0"],
+        "version_0/export already exists: an earlier run of this log folder exported there; set another "
+        "trainer.logger's version",
     ),
     Case(
         "a static DDP graph with gradient accumulation",
@@ -305,6 +312,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, scratch, tmp_pat
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "tiny" / "version_0").mkdir(parents=True)
     (tmp_path / "runs" / "tiny" / "version_0" / "config.yaml").write_text("an earlier run\n")
+    (tmp_path / "runs" / "tiny" / "version_0" / "export" / "model").mkdir(parents=True)  # and its export
     before, scratch_before = _snapshot(tmp_path), _snapshot(scratch)
     code, stderr = run_case(case, scratch)
     errors = [line for line in stderr.splitlines() if line.startswith("smarter: error:")]

@@ -52,6 +52,16 @@ def checkpoint_folder(trainer: L.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
 
 
+def _unused(path: Path) -> Path:
+    """``path``, or with ``-v1``, ``-v2``, ... before its suffix where an earlier run left that file (a pinned
+    logger version, or no logger: runs share a checkpoint folder)."""
+    candidate, version = path, 0
+    while candidate.exists():
+        version += 1
+        candidate = path.with_name(f"{path.stem}-v{version}{path.suffix}")
+    return candidate
+
+
 class StopOnSignal(StageCallback):
     """Turn SIGTERM / SIGINT into a clean stop (see the module docstring)."""
 
@@ -152,7 +162,8 @@ class StopOnSignal(StageCallback):
         signum = self.received or signal.SIGTERM
         name = signal.Signals(signum).name
         if stage == "train":
-            path = checkpoint_folder(trainer) / f"interrupted-step{trainer.global_step}.ckpt"
+            path = _unused(checkpoint_folder(trainer) / f"interrupted-step{trainer.global_step}.ckpt")
+            path = trainer.strategy.broadcast(path)  # the first process's choice (it writes the file)
             trainer.save_checkpoint(path)
             # what Lightning does right after these hooks, so this last step's metrics reach the loggers
             trainer._logger_connector.on_batch_end()

@@ -95,6 +95,22 @@ def test_sigterm_writes_a_checkpoint_exits_nonzero_and_resumes_exactly(uninterru
     assert (_run(tmp_path, "b") / "export" / "adapter" / "adapter_config.json").is_file()
 
 
+def test_a_second_interrupted_run_in_the_same_folder_keeps_the_first_ones_checkpoint(
+    tmp_path, monkeypatch, capsys, book_path
+):
+    """Two runs with a pinned logger version share a checkpoint folder; both stopped after step 2."""
+    stop = ["--trainer.callbacks+=custom_modules.SignalAtStep", "--trainer.callbacks.step", "2"]
+    same = ["--trainer.max_steps", "4", "--trainer.logger.init_args.version", "same", *stop]
+    assert _fit(tmp_path, monkeypatch, *same) == 128 + 15
+    first = _run(tmp_path, "same") / "checkpoints" / "interrupted-step2.ckpt"
+    kept = (first.stat().st_size, first.stat().st_mtime_ns)
+    capsys.readouterr()
+    assert _fit(tmp_path, monkeypatch, *same) == 128 + 15
+    second = first.with_name("interrupted-step2-v1.ckpt")
+    assert f"checkpoint written to {second.relative_to(tmp_path)}" in capsys.readouterr().err
+    assert (first.stat().st_size, first.stat().st_mtime_ns) == kept and second.is_file()
+
+
 def test_sigterm_inside_an_accumulation_window_stops_at_its_step_end_and_resumes_exactly(
     tmp_path, monkeypatch, capsys, book_path
 ):

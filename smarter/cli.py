@@ -280,7 +280,7 @@ class SmarterCLI(LightningCLI):
             callbacks.append(StopOnSignal())  # last: it acts after the others have seen the batch
         self._check_outputs(subcommand)
         monitors = [c for c in callbacks if isinstance(c, LearningRateMonitor)]
-        if monitors and not trainer.loggers:  # Lightning stops the run at its start: it has nowhere to write
+        if subcommand == "fit" and monitors and not trainer.loggers:  # Lightning stops fit: nowhere to write
             for monitor in monitors:
                 callbacks.remove(monitor)
             notify("trainer.logger is off, so the learning-rate monitor of the config is left out.")

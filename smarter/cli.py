@@ -123,7 +123,8 @@ _FSDP_CASTS_TO = {"bf16-true": "bfloat16", "16-true": "float16", "32-true": "flo
 def check_trainer_numbers(trainer) -> None:
     """Trainer settings Lightning takes but cannot run (a traceback mid-run) or runs wrongly (silently):
     ``accumulate_grad_batches`` 0 divides by zero and -1 stepped after every batch; ``val_check_interval`` 0
-    divides by zero; a negative ``gradient_clip_val`` would scale gradients by a negative factor."""
+    divides by zero; a negative ``gradient_clip_val`` would scale gradients by a negative factor;
+    ``max_steps``, ``max_epochs`` or ``limit_train_batches`` 0 train nothing."""
     import math
 
     accumulate = trainer.accumulate_grad_batches
@@ -138,6 +139,15 @@ def check_trainer_numbers(trainer) -> None:
     clip = trainer.gradient_clip_val
     if clip is not None and (math.isnan(clip) or clip < 0):
         raise ConfigError(f"trainer.gradient_clip_val must be positive (or unset for no clipping), got {clip}.")
+    # 0 is taken by Lightning and trains nothing, and fit would then export the untrained model as trained
+    nothing = {"max_steps": trainer.max_steps, "max_epochs": trainer.max_epochs}
+    nothing["limit_train_batches"] = trainer.limit_train_batches
+    for name, value in nothing.items():
+        if value is not None and value == 0:
+            raise ConfigError(
+                f"trainer.{name} {value} trains nothing (and fit would export the model as trained); set it "
+                "above 0, or score the model with `smarter validate`."
+            )
 
 
 def check_strategy_fits_compile(strategy, compile_mode: str) -> None:

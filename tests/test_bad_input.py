@@ -197,6 +197,9 @@ CASES = [
         ],
         "cannot accumulate gradients (a GradientAccumulationScheduler)",
     ),
+    Case("no training step", [*FIT, "--trainer.max_steps", "0"], "trainer.max_steps 0 trains nothing"),
+    Case("no training epoch", [*FIT, "--trainer.max_epochs", "0"], "trainer.max_epochs 0 trains nothing"),
+    Case("no training batch", [*FIT, "--trainer.limit_train_batches", "0.0"], "trainer.limit_train_batches 0.0 trains"),
     Case(
         "no batch a step (gradient accumulation 0)",
         [*FIT, "--trainer.accumulate_grad_batches", "0"],

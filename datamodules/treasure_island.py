@@ -253,6 +253,17 @@ class TreasureIslandDataModule(L.LightningDataModule):
         self.load_splits()
         _ = self.tokenizer
 
+    def check_batch_fits(self) -> None:
+        """Refuse a training batch larger than the whole training split (a typo, not a batch: every step would
+        be the whole book at once, in memory), before the run starts; the blocks are built and kept."""
+        self.setup("fit")
+        blocks = len(self.datasets["train"])
+        if self.batch_size > blocks:
+            raise ConfigError(
+                f"data.batch_size {self.batch_size} is more than the {blocks} training blocks of the book "
+                f"(data.block_size {self.block_size}); set at most {blocks}."
+            )
+
     def load_splits(self) -> BookSplits:
         """Read, clean and split the book by chapter."""
         if self.splits is None:

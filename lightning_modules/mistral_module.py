@@ -99,11 +99,11 @@ class MistralModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if learning_rate <= 0:
+        if not learning_rate > 0:  # NaN too
             raise ConfigError(f"model.learning_rate must be > 0, got {learning_rate}.")
         if warmup_steps < 0:
             raise ConfigError(f"model.warmup_steps must be >= 0, got {warmup_steps}.")
-        if weight_decay < 0:
+        if not weight_decay >= 0:
             raise ConfigError(f"model.weight_decay must be >= 0, got {weight_decay}.")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ConfigError(f"model.min_lr_ratio must be between 0 and 1, got {min_lr_ratio}.")

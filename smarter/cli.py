@@ -322,6 +322,8 @@ class SmarterCLI(LightningCLI):
             check_strategy_fits_quantization(trainer.strategy, spec.quantization, spec.quant_storage, spec.dtype)
         if subcommand != "predict" and hasattr(self.datamodule, "check_ready"):
             self.datamodule.check_ready()
+        if subcommand == "fit" and hasattr(self.datamodule, "check_batch_fits"):
+            self.datamodule.check_batch_fits()
         if subcommand == "predict":
             module, datamodule = self.model, self.datamodule
             device = trainer.strategy.root_device

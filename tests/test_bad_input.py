@@ -197,6 +197,12 @@ CASES = [
         ],
         "cannot accumulate gradients (a GradientAccumulationScheduler)",
     ),
+    Case("a learning rate that is not a number", [*FIT, "--model.learning_rate", ".nan"], "learning_rate must be > 0"),
+    Case(
+        "a batch larger than the whole training split",
+        [*FIT, "--data.batch_size", "100000"],
+        "data.batch_size 100000 is more than the ",
+    ),
     Case("no training step", [*FIT, "--trainer.max_steps", "0"], "trainer.max_steps 0 trains nothing"),
     Case("no training epoch", [*FIT, "--trainer.max_epochs", "0"], "trainer.max_epochs 0 trains nothing"),
     Case("no training batch", [*FIT, "--trainer.limit_train_batches", "0.0"], "trainer.limit_train_batches 0.0 trains"),

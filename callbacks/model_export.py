@@ -35,20 +35,22 @@ class ExportAtFitEnd(Callback):
             return Path(self.output_dir)
         return Path(trainer.log_dir or trainer.default_root_dir) / "export"
 
-    def check_target(self, trainer: L.Trainer | None = None) -> None:
+    def check_target(self, trainer: L.Trainer) -> None:
         """Refuse an existing export folder before anything runs (nothing is changed): ``output_dir``, or
         ``<log dir>/export`` left by an earlier run of the same log folder (a pinned logger version, or no
         logger: every such run logs in ``default_root_dir``)."""
-        if self.output_dir and Path(self.output_dir).exists():
+        folder = self.folder(trainer)
+        if not folder.exists():
+            return
+        if self.output_dir:
             raise ConfigError(
                 f"export output_dir {self.output_dir} already exists; choose another folder or move it away."
             )
-        if not self.output_dir and trainer is not None and self.folder(trainer).exists():
-            where = "trainer.logger's version" if trainer.loggers else "trainer.default_root_dir (the logger is off)"
-            raise ConfigError(
-                f"{self.folder(trainer)} already exists: an earlier run of this log folder exported there; "
-                f"set another {where}, or move it away."
-            )
+        where = "trainer.logger's version" if trainer.loggers else "trainer.default_root_dir (the logger is off)"
+        raise ConfigError(
+            f"{folder} already exists: an earlier run of this log folder exported there; set another {where}, "
+            "or move it away."
+        )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":

@@ -125,8 +125,6 @@ def check_trainer_numbers(trainer) -> None:
     ``accumulate_grad_batches`` 0 divides by zero and -1 stepped after every batch; ``val_check_interval`` 0
     divides by zero; a negative ``gradient_clip_val`` would scale gradients by a negative factor;
     ``max_steps``, ``max_epochs`` or ``limit_train_batches`` 0 train nothing."""
-    import math
-
     accumulate = trainer.accumulate_grad_batches
     if accumulate < 1:
         raise ConfigError(f"trainer.accumulate_grad_batches must be a whole number of at least 1, got {accumulate}.")
@@ -137,12 +135,11 @@ def check_trainer_numbers(trainer) -> None:
             f"in (0, 1], got {interval}."
         )
     clip = trainer.gradient_clip_val
-    if clip is not None and (math.isnan(clip) or clip < 0):
+    if clip is not None and not clip >= 0:  # NaN fails too
         raise ConfigError(f"trainer.gradient_clip_val must be positive (or unset for no clipping), got {clip}.")
     # 0 is taken by Lightning and trains nothing, and fit would then export the untrained model as trained
-    nothing = {"max_steps": trainer.max_steps, "max_epochs": trainer.max_epochs}
-    nothing["limit_train_batches"] = trainer.limit_train_batches
-    for name, value in nothing.items():
+    limits = (trainer.max_steps, trainer.max_epochs, trainer.limit_train_batches)
+    for name, value in zip(("max_steps", "max_epochs", "limit_train_batches"), limits, strict=True):
         if value is not None and value == 0:
             raise ConfigError(
                 f"trainer.{name} {value} trains nothing (and fit would export the model as trained); set it "

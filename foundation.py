@@ -100,6 +100,8 @@ def notify(message: str) -> None:
 
 CACHE_DIR_ENV = "SMARTER_CACHE_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/scaling-smarter"
+# how an error names the cache folder when no option set it
+CACHE_FOLDER_SETTING = f"the cache folder (${CACHE_DIR_ENV}, or {DEFAULT_CACHE_DIR})"
 
 
 def cache_folder(override: str | os.PathLike | None = None) -> Path:

@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from foundation import ConfigError, atomic_write_text
+from foundation import ConfigError, atomic_write_text, notify
 
 
 def _json_safe(value: Any) -> Any:
@@ -70,6 +70,9 @@ class JsonlPredictionWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.merge_parts(trainer)
+        if self.path is not None and trainer.is_global_zero and self.path.is_file():
+            count = sum(1 for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip())
+            notify(f"wrote {count} prediction{'s' * (count != 1)} to {self.path}")
 
     def merge_parts(self, trainer: L.Trainer) -> None:
         """With several processes: once every process has written its part, the first merges the parts into

@@ -26,7 +26,14 @@ from datamodules.gutenberg import (
 from datamodules.packing import make_eval_windows, pack_into_blocks, scored_bytes
 from datamodules.prompts import DEFAULT_PROMPTS, instruction_text, read_prompts_file
 from datamodules.sampling import EpochShuffleSampler, ResumableDataLoader, unrepeated_sampler
-from foundation import IGNORE_INDEX, ConfigError, atomic_torch_save, cache_folder
+from foundation import (
+    CACHE_FOLDER_SETTING,
+    IGNORE_INDEX,
+    ConfigError,
+    atomic_torch_save,
+    cache_folder,
+    check_writable_folder,
+)
 from lightning_modules import MISTRAL_V1_TOKENIZER, InputRequirements, TextTokenizer, load_tokenizer
 
 SPLITS = ("train", "val", "test")
@@ -77,6 +84,11 @@ def assign_chapters(chapters: list[Chapter], val_chapters: list[int], test_chapt
                 f"1..{max(numbers)}; pick numbers in that range."
             )
     held_out = set(val_chapters) | set(test_chapters)
+    if not numbers - held_out:
+        raise ConfigError(
+            f"data.val_chapters and data.test_chapters hold out all {len(numbers)} chapters of the book, leaving "
+            "nothing to train on; hold out fewer (the defaults are [31, 32] and [33, 34])."
+        )
     return BookSplits(
         chapters={
             "train": [c for c in chapters if c.number not in held_out],
@@ -165,6 +177,7 @@ class TreasureIslandDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.book_path = book_path
         self.cache_dir = cache_folder(cache_dir)
+        check_writable_folder(self.cache_dir, "data.cache_dir" if cache_dir else CACHE_FOLDER_SETTING)
         self.model_requirements = model_requirements
         self.download_url = download_url
         self.tokenizer_name = tokenizer

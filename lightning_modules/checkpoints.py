@@ -140,3 +140,24 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     cuda = state.get("cuda")
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+
+
+def record_unfinished_epoch(checkpoint: dict[str, Any], trainer) -> None:
+    """Mark, in a checkpoint written when ``fit`` stops before its epoch's last batch (``max_steps`` reached
+    mid-epoch), that epoch as unfinished, so that continuing the run (``--ckpt_path`` with a larger
+    ``max_steps``) takes the epoch's next batch, not a fresh epoch.
+
+    Lightning (2.6) counts the epoch as processed and completed once ``max_steps`` stops it, and a resume
+    then starts the next epoch with a new shuffle: the continued run left the uninterrupted one's losses.
+    The counters here are those of Lightning's own mid-epoch checkpoints (its loop state layout; no public
+    API sets it); a test resumes such a checkpoint and compares the losses.
+    """
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress")
+    batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+    if progress is None or not 0 < batches_done < trainer.num_training_batches:
+        return
+    if progress["total"]["processed"] < progress["total"]["started"]:
+        return  # written mid-epoch: already unfinished
+    for counts in (progress["total"], progress["current"]):
+        counts["processed"] = counts["completed"] = counts["started"] - 1
+    checkpoint["epoch"] = progress["current"]["completed"]

@@ -23,24 +23,24 @@ from typing import Any
 import torch
 
 from foundation import ConfigError, atomic_path
-from lightning_modules.model_building import ModelSpec
+from lightning_modules.model_building import PROVENANCE_FILE, ModelSpec
 from lightning_modules.tokenizers import load_tokenizer
-
-PROVENANCE_FILE = "smarter_export.json"
 
 
 def base_reference(spec: ModelSpec) -> str:
     """What the base model is, for people and for PEFT: a hub id, an absolute folder, or a preset's name."""
+    base = spec.base_source  # an adapter given as the source was trained on this base, and so is its sequel
     if spec.is_preset:
-        return spec.source
-    folder = Path(spec.source).expanduser()
-    return str(folder.resolve()) if folder.is_dir() else spec.source
+        return base
+    folder = Path(base).expanduser()
+    return str(folder.resolve()) if folder.is_dir() else base
 
 
 def _provenance(spec: ModelSpec, kind: str, equals: str, **extra: Any) -> dict[str, Any]:
     base: dict[str, Any] = {"source": base_reference(spec), "quantization": spec.quantization, "dtype": spec.dtype}
     if spec.is_preset:
-        base.update(preset=spec.source, preset_seed=spec.preset_seed, preset_overrides=spec.preset_overrides)
+        seed, overrides = spec.base_preset_settings
+        base.update(preset=spec.base_source, preset_seed=seed, preset_overrides=overrides)
         base["how_to_build"] = (
             "random-weight preset: lightning_modules.load_causal_lm(ModelSpec(source=..., preset_seed=..., "
             "preset_overrides=...)) rebuilds it exactly"

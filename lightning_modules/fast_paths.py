@@ -91,6 +91,15 @@ def keep_adapter_inputs_uncast(model: torch.nn.Module) -> None:
             module.cast_input_dtype_enabled = False
 
 
+def store_adapters_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Keep every LoRA weight in ``dtype``: for decoding with ``base-dtype`` adapters, which multiply in that
+    dtype under autocast in training and evaluation (the same rounding), and which the decode loop, run
+    without autocast, would otherwise meet in float32 with 16-bit inputs."""
+    for name, parameter in model.named_parameters():
+        if "lora_" in name:
+            parameter.data = parameter.data.to(dtype)
+
+
 def adapter_autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """Autocast to ``dtype`` on ``device``, or nothing when adapters compute in float32."""
     if dtype is None:

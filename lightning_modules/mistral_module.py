@@ -18,6 +18,7 @@ from foundation import IGNORE_INDEX, ConfigError, TrainingDiverged, notify
 from lightning_modules.checkpoints import (
     capture_rng_state,
     read_checkpoint,
+    record_unfinished_epoch,
     refusal_message,
     restore_rng_state,
     setting_differences,
@@ -32,6 +33,7 @@ from lightning_modules.fast_paths import (
     liger_available,
     resolve_adapter_compute,
     resolve_loss,
+    store_adapters_in,
 )
 from lightning_modules.generation import (
     GenerationSettings,
@@ -123,6 +125,8 @@ class MistralModule(L.LightningModule):
         self.spec = ModelSpec(**model_spec)
         # Every check that needs no weights happens here, before anything loads.
         self.model_config = validate_model_spec(self.spec)
+        if isinstance(generation, dict):  # as a checkpoint of a CLI-built module holds it
+            generation = GenerationSettings(**generation)
         self.generation = generation or GenerationSettings()
         self.model: torch.nn.Module | None = None
         self._tokenizer: TextTokenizer | None = None
@@ -162,6 +166,13 @@ class MistralModule(L.LightningModule):
 
     def check_can_fit(self) -> None:
         """Refuse a configuration that ``fit`` could not train."""
+        adapter = self.spec.adapter
+        if adapter is not None and self.spec.lora is None:
+            raise ConfigError(
+                f"model.source {adapter.folder} is a LoRA adapter, which fit trains further only with model.lora "
+                f"set to its shape (r {adapter.r}, alpha {adapter.alpha}, target_modules "
+                f"{list(adapter.target_modules)}); `-c configs/finetune/lora.yaml` or qlora.yaml does."
+            )
         if self.spec.quantization != "none" and self.spec.lora is None:
             raise ConfigError(
                 f"model.quantization={self.spec.quantization} freezes the base weights, so fit "
@@ -173,7 +184,8 @@ class MistralModule(L.LightningModule):
         if self.model is not None:
             return
         device = self._trainer.strategy.root_device if self._trainer is not None else self.device
-        if self._trainer is not None and self.trainer.state.fn == "predict":
+        predicting = self._trainer is not None and self.trainer.state.fn == "predict"
+        if predicting:
             decoder = resolve_decoder(self.generation.decoder, device)
             # compiled layers are for training and evaluation shapes: decoding changes shape every token
             # (a recompilation each time), and the static decoder compiles its whole step itself
@@ -185,6 +197,8 @@ class MistralModule(L.LightningModule):
             self.adapter_dtype = resolve_adapter_compute(self.spec.lora.compute, device, self.spec.torch_dtype)
             if self.adapter_dtype is not None:
                 keep_adapter_inputs_uncast(self.model)
+                if predicting:  # decoding runs without autocast: the adapters take the dtype autocast gives them
+                    store_adapters_in(self.model, self.adapter_dtype)
 
     def build_model(self, device: torch.device) -> torch.nn.Module:
         """The Hugging Face model for ``self.spec`` on ``device``. Override to change the model itself."""
@@ -428,6 +442,8 @@ class MistralModule(L.LightningModule):
                 f"at step {self.global_step}; the last checkpoint on disk is the last good one."
             )
         checkpoint["rng_states"] = capture_rng_state()
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            record_unfinished_epoch(checkpoint, self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resume this run as configured: refuse a checkpoint of another model, say which settings differ
@@ -447,6 +463,20 @@ class MistralModule(L.LightningModule):
     def _gradients_from_cuda_graphs(self) -> bool:
         """Whether the adapters' gradients come out of replayed CUDA graphs (compiled layers on a GPU)."""
         return self.spec.compile == "layers-cudagraphs" and self.device.type == "cuda"
+
+    def on_validation_model_zero_grad(self) -> None:
+        """Lightning drops every gradient before a validation inside ``fit``; gradients that come out of CUDA
+        graphs are zeroed in place instead, so that after the validation each weight still holds its own
+        gradient tensor (see ``on_train_start``). Dropped, the next backward made the graph's output tensor
+        the gradient, and the layer's next replay overwrote it: ``qlora-fast`` failed at the first step
+        after its mid-epoch validation with "accessing tensor output of CUDAGraphs that has been
+        overwritten"."""
+        if self._gradients_from_cuda_graphs():
+            for parameter in self.trainable_parameters():
+                if parameter.grad is not None:
+                    parameter.grad.zero_()
+            return
+        super().on_validation_model_zero_grad()
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         """Gradients are zeroed in place, not dropped, when they come out of CUDA graphs (see

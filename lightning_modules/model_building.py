@@ -7,6 +7,7 @@ be checked without weights (and so runs before any load); ``load_causal_lm`` loa
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Literal, get_args
 
 import torch
 
-from foundation import ConfigError, cache_folder, notify
+from foundation import CACHE_FOLDER_SETTING, ConfigError, cache_folder, check_writable_folder, notify
 from lightning_modules.fast_paths import (
     AdapterCompute,
     Checkpointing,
@@ -35,6 +36,9 @@ Attention = Literal["eager", "sdpa"]
 DType = Literal["bfloat16", "float16", "float32"]
 
 ALL_LINEAR_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+# written beside every export (lightning_modules.export): what the folder is and which base it belongs to
+PROVENANCE_FILE = "smarter_export.json"
 
 
 @dataclass
@@ -57,6 +61,89 @@ class LoraSettings:
     target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR_PROJECTIONS))
     compute: AdapterCompute = "auto"
 
+    @classmethod
+    def from_value(cls, value: LoraSettings | dict | None) -> LoraSettings | None:
+        """Settings as given: an instance, None, or the plain dict that a checkpoint's hyperparameters hold
+        when the CLI built the module (LightningCLI saves dataclass arguments as dicts)."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+            if unknown:
+                raise ConfigError(f"model.lora has unknown fields {unknown}; see `smarter fit --model.help`.")
+            return cls(**value)
+        raise ConfigError(f"model.lora must be a mapping of LoRA settings or null, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class AdapterFolder:
+    """A PEFT adapter folder given as ``model.source``: the base it was trained on and its LoRA shape.
+
+    Args:
+        folder: The folder (``adapter_config.json`` and the adapter's weights).
+        base: The base model: a preset name, a Hugging Face folder or a hub id.
+        preset_seed: The seed of a preset base's weights.
+        preset_overrides: The config fields a preset base was built with.
+        r: The adapter's rank.
+        alpha: Its scaling numerator.
+        target_modules: The layers it adapts.
+    """
+
+    folder: Path
+    base: str
+    preset_seed: int
+    preset_overrides: dict | None
+    r: int
+    alpha: int
+    target_modules: tuple[str, ...]
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return any((self.folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+
+
+def read_adapter_folder(source: str) -> AdapterFolder | None:
+    """The adapter that ``source`` names, or None when it is not a folder holding ``adapter_config.json``.
+
+    A folder that ``smarter`` exported says which preset weights (seed, overrides) its base has in
+    ``smarter_export.json``; any other PEFT folder must name a base that is not a preset.
+    """
+    folder = Path(source).expanduser()
+    config_file = folder / ADAPTER_CONFIG_FILE
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        provenance_file = folder / PROVENANCE_FILE
+        provenance = json.loads(provenance_file.read_text(encoding="utf-8")) if provenance_file.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(
+            f"model.source={source!r} looks like a PEFT adapter but its files cannot be read ({error}); "
+            "give an adapter folder that `smarter fit` or `smarter export` wrote."
+        ) from None
+    if config.get("peft_type", "LORA") != "LORA" or not config.get("base_model_name_or_path"):
+        raise ConfigError(
+            f"model.source={source!r} holds a {config.get('peft_type')} adapter without a base model name; "
+            "only LoRA adapters that name their base can be a model.source."
+        )
+    base_info = provenance.get("base") or {}
+    base = str(base_info.get("preset") or config["base_model_name_or_path"])
+    if base in PRESETS and not base_info:
+        raise ConfigError(
+            f"model.source={source!r} is an adapter for the preset {base!r}, but it has no {PROVENANCE_FILE} "
+            "saying which random weights (seed, overrides) it was trained on; give a folder that smarter exported."
+        )
+    targets = config.get("target_modules") or []
+    return AdapterFolder(
+        folder=folder,
+        base=base,
+        preset_seed=int(base_info.get("preset_seed") or 0),
+        preset_overrides=base_info.get("preset_overrides"),
+        r=int(config.get("r", 8)),
+        alpha=int(config.get("lora_alpha", 8)),
+        target_modules=tuple(sorted([targets] if isinstance(targets, str) else targets)),
+    )
+
 
 @dataclass(frozen=True)
 class InputRequirements:
@@ -78,7 +165,9 @@ class ModelSpec:
     """Everything that decides which model is built.
 
     Args:
-        source: A preset name (``tiny``, ``mistral-7b``), a hub id, or a local Hugging Face folder.
+        source: A preset name (``tiny``, ``mistral-7b``), a hub id, a local Hugging Face folder, or a LoRA
+            adapter folder (``smarter``'s ``export/adapter``, or any PEFT folder that names its base): the
+            adapter is loaded onto its base, trainable when ``lora`` has its shape, frozen when ``lora`` is null.
         preset_overrides: Config fields that replace a preset's (e.g. ``num_hidden_layers``).
         quantization: ``none``, ``int8`` (LLM.int8), ``nf4`` or ``nf4-dq`` (nf4, double quant).
         attention: Attention kernel: ``eager`` or ``sdpa``.
@@ -116,9 +205,30 @@ class ModelSpec:
     preset_seed: int = 0
     cache_dir: str | None = None
 
+    def __post_init__(self) -> None:
+        self.lora = LoraSettings.from_value(self.lora)
+
+    @property
+    def adapter(self) -> AdapterFolder | None:
+        """The adapter that ``source`` names, or None when ``source`` is a model."""
+        return read_adapter_folder(self.source)
+
+    @property
+    def base_source(self) -> str:
+        """Where the base weights come from: ``source``, or the base an adapter source was trained on."""
+        adapter = self.adapter
+        return adapter.base if adapter else self.source
+
+    @property
+    def base_preset_settings(self) -> tuple[int, dict | None]:
+        """(seed, overrides) of a preset base: the configured ones, or those an adapter source was trained on."""
+        adapter = self.adapter
+        return (adapter.preset_seed, adapter.preset_overrides) if adapter else (self.preset_seed, self.preset_overrides)
+
     @property
     def is_preset(self) -> bool:
-        return self.source in PRESETS
+        """Whether the base weights are a random-weight preset."""
+        return self.base_source in PRESETS
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -126,8 +236,12 @@ class ModelSpec:
 
     @property
     def tokenizer_source(self) -> str:
-        """The tokenizer matching the weights: the checkpoint's own, or Mistral v1 for presets."""
-        return MISTRAL_V1_TOKENIZER if self.is_preset else self.source
+        """The tokenizer matching the weights: Mistral v1 for presets, else the checkpoint's own (an adapter
+        folder's copy where it holds one)."""
+        if self.is_preset:
+            return MISTRAL_V1_TOKENIZER
+        adapter = self.adapter
+        return str(adapter.folder) if adapter and adapter.has_tokenizer else self.base_source
 
     def describe(self) -> dict[str, object]:
         """Flat, JSON-friendly summary for logs and reports."""
@@ -161,14 +275,30 @@ def resolve_model_config(source: str, preset_overrides: dict | None = None):
             "model.preset_overrides only applies to presets "
             f"({', '.join(PRESETS)}); remove it when model.source is a checkpoint."
         )
-    looks_like_hub_id = source.count("/") == 1 and not os.path.exists(source)
-    if not Path(source).expanduser().is_dir() and not looks_like_hub_id:
+    folder = Path(source).expanduser()
+    looks_like_hub_id = source.count("/") == 1 and not os.path.exists(source) and not source.startswith((".", "~"))
+    if folder.is_file():
+        hint = " (a checkpoint is given with --ckpt_path)" if folder.suffix == ".ckpt" else ""
+        raise ConfigError(
+            f"model.source={source!r} is a file; give a Hugging Face model folder (config.json and weights), "
+            f"a LoRA adapter folder, a hub id or a preset ({', '.join(PRESETS)}){hint}."
+        )
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        inside = sorted(path.name for path in folder.iterdir())[:4]
+        raise ConfigError(
+            f"model.source={source!r} is a folder without a model: no config.json (nor adapter_config.json) in it "
+            f"({'holds ' + ', '.join(inside) if inside else 'it is empty'}); give the folder that smarter exported "
+            "(export/model, export/merged or export/adapter) or another Hugging Face model folder."
+        )
+    if not folder.is_dir() and not looks_like_hub_id:
         raise ConfigError(
             f"model.source={source!r} is not a preset ({', '.join(PRESETS)}), an existing folder, "
             "or a hub id of the form 'org/name'; fix model.source."
         )
+    if looks_like_hub_id:
+        check_hub_model_available(source)
     try:
-        location = str(Path(source).expanduser()) if not looks_like_hub_id else source
+        location = str(folder) if not looks_like_hub_id else source
         return AutoConfig.from_pretrained(location, trust_remote_code=False)  # never runs a repository's code
     except OSError as error:
         raise ConfigError(
@@ -176,6 +306,37 @@ def resolve_model_config(source: str, preset_overrides: dict | None = None):
             "Hugging Face folder or a hub id reachable from this machine, or a preset "
             f"({', '.join(PRESETS)})."
         ) from None
+
+
+def check_hub_model_available(hub_id: str, timeout_s: float = 3.0) -> None:
+    """Refuse at once a hub id that is neither in this machine's Hugging Face cache nor downloadable: without a
+    network, the hub client retries for about half a minute before it gives up."""
+    import socket
+    from urllib.parse import urlparse
+
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(hub_id, trust_remote_code=False, local_files_only=True)
+        return  # cached: loads without the network
+    except (OSError, ValueError):
+        pass
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    reason = "HF_HUB_OFFLINE is set" if offline else ""
+    if not offline:
+        try:
+            port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+            socket.create_connection((endpoint.hostname, port), timeout=timeout_s).close()
+            return
+        except OSError as error:
+            reason = f"{endpoint.hostname} cannot be reached ({error.strerror or type(error).__name__})"
+    raise ConfigError(
+        f"model.source={hub_id!r} (no folder of that name here, so a hub id) is not in this machine's Hugging "
+        f"Face cache and {reason}; download it where "
+        f"there is a network (`hf download {hub_id} --local-dir DIR`) and give model.source DIR, or use a preset "
+        f"({', '.join(PRESETS)})."
+    )
 
 
 def bitsandbytes_config(quantization: str, compute_dtype: torch.dtype, quant_storage: str = "uint8"):
@@ -253,10 +414,34 @@ def validate_model_spec(spec: ModelSpec):
         raise ConfigError(
             f"model.quantization={spec.quantization} computes in 16-bit; set model.dtype to bfloat16 or float16."
         )
-    config = resolve_model_config(spec.source, spec.preset_overrides)
+    adapter = spec.adapter
+    if adapter is not None and spec.preset_overrides:
+        raise ConfigError(
+            "model.preset_overrides does not apply to an adapter source: its base's shape is the one it was "
+            "trained on; remove model.preset_overrides."
+        )
+    _, overrides = spec.base_preset_settings
+    config = resolve_model_config(spec.base_source, overrides)
+    if spec.is_preset:  # its random weights are written there once
+        check_writable_folder(cache_root(spec), "model.cache_dir" if spec.cache_dir else CACHE_FOLDER_SETTING)
     if spec.lora is not None:
         check_lora_targets(config, spec.lora)
+    if adapter is not None and spec.lora is not None:
+        check_lora_fits_adapter(adapter, spec.lora)
     return config
+
+
+def check_lora_fits_adapter(adapter: AdapterFolder, lora: LoraSettings) -> None:
+    """Training an adapter source further needs ``model.lora`` to describe that adapter (rank, scale, targets)."""
+    wanted = (adapter.r, adapter.alpha, adapter.target_modules)
+    configured = (lora.r, lora.alpha, tuple(sorted(lora.target_modules)))
+    if configured != wanted:
+        raise ConfigError(
+            f"model.source {adapter.folder} is a LoRA adapter of r {adapter.r}, alpha {adapter.alpha} on "
+            f"{list(adapter.target_modules)}, but model.lora has r {lora.r}, alpha {lora.alpha} on "
+            f"{sorted(lora.target_modules)}; set model.lora to the adapter's shape to train it further, or "
+            "model.lora: null to evaluate it."
+        )
 
 
 def apply_lora(model, lora: LoraSettings):
@@ -272,6 +457,18 @@ def apply_lora(model, lora: LoraSettings):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_config)
+
+
+def load_adapter(model, adapter: AdapterFolder, lora: LoraSettings | None):
+    """Put a saved LoRA adapter on ``model``: trainable, with ``lora``'s dropout, when ``lora`` is set (it
+    matches the adapter: ``validate_model_spec``), frozen otherwise."""
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(str(adapter.folder))
+    if lora is not None:
+        config.lora_dropout = lora.dropout
+    config.inference_mode = lora is None
+    return PeftModel.from_pretrained(model, str(adapter.folder), config=config, is_trainable=lora is not None)
 
 
 def cache_root(spec: ModelSpec) -> Path:
@@ -297,7 +494,8 @@ def prepare_preset_weights(spec: ModelSpec, device: torch.device | str = "cpu") 
     if not spec.is_preset:
         return None
     config = validate_model_spec(spec)
-    return preset_weights_folder(config, spec.preset_seed, cache_root(spec), torch.device(device))
+    seed, _ = spec.base_preset_settings
+    return preset_weights_folder(config, seed, cache_root(spec), torch.device(device))
 
 
 def load_causal_lm(spec: ModelSpec, device: torch.device | str = "cpu"):
@@ -311,10 +509,12 @@ def load_causal_lm(spec: ModelSpec, device: torch.device | str = "cpu"):
     device = torch.device(device)
     if spec.quantization != "none" and device.type not in ("cuda", "cpu", "xpu"):
         raise ConfigError(f"bitsandbytes quantization does not run on {device.type}; use a GPU or CPU.")
+    base = spec.base_source
     if spec.is_preset:
-        weights = preset_weights_folder(config, spec.preset_seed, cache_root(spec), device)
+        seed, _ = spec.base_preset_settings
+        weights = preset_weights_folder(config, seed, cache_root(spec), device)
     else:
-        weights = Path(spec.source).expanduser() if Path(spec.source).expanduser().is_dir() else spec.source
+        weights = Path(base).expanduser() if Path(base).expanduser().is_dir() else base
     model = AutoModelForCausalLM.from_pretrained(
         weights,
         config=config,
@@ -328,7 +528,10 @@ def load_causal_lm(spec: ModelSpec, device: torch.device | str = "cpu"):
     if resolve_kernels(spec.kernels, device, spec.compile) == "liger":
         apply_liger_kernels(model)
     apply_activation_checkpointing(model, spec.activation_checkpointing, spec.checkpoint_every, spec.keep_last_layers)
-    if spec.lora is not None:
+    adapter = spec.adapter
+    if adapter is not None:
+        model = load_adapter(model, adapter, spec.lora)
+    elif spec.lora is not None:
         model = apply_lora(model, spec.lora)
     if spec.compile != "off":
         if device.type == "cuda":

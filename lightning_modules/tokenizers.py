@@ -80,6 +80,8 @@ class SentencePieceTokenizer:
         return self._sp.encode(text)
 
     def save(self, folder: Path) -> None:
+        """Write ``tokenizer.json`` (a fast tokenizer that gives this model's ids, checked on the whole book by
+        the tests), its config and the ``.model`` file itself."""
         import shutil
         import tempfile
 
@@ -90,6 +92,55 @@ class SentencePieceTokenizer:
             converted = LlamaTokenizerFast.from_pretrained(scratch)
         converted.save_pretrained(folder)
         shutil.copy(self.model_file, Path(folder) / "tokenizer.model")
+        self._match_sentencepiece(Path(folder))
+
+    def _match_sentencepiece(self, folder: Path) -> None:
+        """Make the saved fast tokenizer split text as SentencePiece does. transformers' conversion differs
+        in three ways that change ids (runs of spaces and text that starts with a space):
+
+        - it ranks the merges that build whitespace-only pieces (``▁▁``, ``▁▁▁``...) first, where
+          SentencePiece, whose scores for them are the lowest, applies them last;
+        - its ``Metaspace`` adds the leading ``▁`` only when the text does not start with a space, where
+          SentencePiece always adds it;
+        - ``LlamaTokenizer`` rebuilds that pre-tokenizer when it loads, so the folder names the generic
+          fast tokenizer class, which takes ``tokenizer.json`` as written.
+
+        It also adds BOS in front of encoded text, as the model was trained and as Mistral's own files do.
+        """
+        import json
+
+        tokenizer_file = folder / "tokenizer.json"
+        spec = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+        score = {self._sp.id_to_piece(i): self._sp.get_score(i) for i in range(self.vocab_size)}
+        merges = spec["model"]["merges"]
+        pairs = [merge.split(" ", 1) if isinstance(merge, str) else merge for merge in merges]
+        order = sorted(range(len(pairs)), key=lambda i: (-score.get("".join(pairs[i]), float("-inf")), i))
+        spec["model"]["merges"] = [merges[i] for i in order]
+        spec["normalizer"] = {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": "▁"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+            ],
+        }
+        spec["pre_tokenizer"] = None
+        bos = self._sp.id_to_piece(self.bos_id)
+        spec["post_processor"] = {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [
+                {"SpecialToken": {"id": bos, "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": bos, "type_id": 1}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
+            "special_tokens": {bos: {"id": bos, "ids": [self.bos_id], "tokens": [bos]}},
+        }
+        tokenizer_file.write_text(json.dumps(spec, ensure_ascii=False, indent=1), encoding="utf-8")
+        config_file = folder / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(list(ids))

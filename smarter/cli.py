@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.checkpoint_io import AtomicCheckpointIO
 from callbacks.interruption import StopOnSignal
+from callbacks.last_checkpoint import LastCheckpointAtTrainEnd
 from callbacks.model_export import ExportAtFitEnd
 from callbacks.prediction_writer import JsonlPredictionWriter
 from callbacks.strategies import check_strategy_fits_accumulation
@@ -30,6 +31,7 @@ from lightning_modules.checkpoints import read_checkpoint, refusal_message, sett
 from lightning_modules.generation import check_generation_fits, resolve_decoder, resolve_matvec
 from lightning_modules.mistral_module import MistralModule
 from smarter.config_files import expand_config_arguments, run_name
+from smarter.run_failures import run_failed
 
 PROG = "smarter"
 
@@ -97,6 +99,38 @@ def condense_parser_error(message: str) -> str:
     return " ".join(text.split())
 
 
+def explain_class_path(message: str) -> str:
+    """jsonargparse says only "Expected a path but X either not accessible or invalid" for a class path it
+    could not import; say why: the module is not on the Python path, importing it failed, or it lacks the class."""
+    import importlib
+
+    found = re.search(r"Expected a path but (\S+) either not accessible or invalid", message)
+    if found is None:
+        return message
+    target = found.group(1)
+    module_name, _, class_name = target.rpartition(".")
+    if not module_name:
+        return message
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        missing = error.name or module_name
+        if not (module_name == missing or module_name.startswith(missing + ".")):  # one the module imports
+            reason = f"importing {module_name} failed: {error}"
+        else:
+            reason = (
+                f"the module {missing!r} cannot be imported: it is not installed nor on the Python path (for "
+                f"{missing.split('.')[0]}.py in the current folder, run with PYTHONPATH=.)"
+            )
+    except Exception as error:  # the user's module itself failed to import
+        reason = f"importing {module_name} failed: {type(error).__name__}: {error}"
+    else:
+        if hasattr(module, class_name):
+            return message
+        reason = f"{module_name} ({module.__file__}) has no {class_name!r}"
+    return message.replace(found.group(0), f"{target}: {reason}")
+
+
 class SmarterArgumentParser(LightningArgumentParser):
     """LightningCLI's parser whose errors are one line that names the key and the fix."""
 
@@ -104,7 +138,7 @@ class SmarterArgumentParser(LightningArgumentParser):
         if not self.exit_on_error:  # a nested parser: jsonargparse catches this and tries alternatives
             super().error(message, ex)
         prog = self.prog.replace(" [options]", "")
-        fail(f"{condense_parser_error(message)} (see `{prog} --help`)")
+        fail(f"{explain_class_path(condense_parser_error(message))} (see `{prog} --help`)")
 
 
 def fail(message: str) -> NoReturn:
@@ -273,6 +307,12 @@ class SmarterCLI(LightningCLI):
             return super().instantiate_trainer(**kwargs)
         except MisconfigurationException as error:  # e.g. more devices than the machine has
             message = " ".join(str(error).split())
+            if "No supported gpu backend found" in message:
+                raise ConfigError(
+                    "trainer.accelerator gpu needs a CUDA GPU and none is visible here (configs/distributed/*.yaml "
+                    "are GPU configs); to run processes on this machine's CPUs instead, add --trainer.accelerator "
+                    "cpu --trainer.strategy ddp --trainer.devices 2 (FSDP runs on GPUs only)."
+                ) from None
             raise ConfigError(f"the trainer settings cannot run here: {message}") from None
 
     # ---- before each run: its add-ons and its checks ------------------------------------------------
@@ -281,6 +321,8 @@ class SmarterCLI(LightningCLI):
         callbacks = trainer.callbacks
         if subcommand == "fit" and not any(isinstance(c, ExportAtFitEnd) for c in callbacks):
             callbacks.append(ExportAtFitEnd())
+        if subcommand == "fit" and not any(isinstance(c, LastCheckpointAtTrainEnd) for c in callbacks):
+            callbacks.insert(0, LastCheckpointAtTrainEnd())
         if subcommand == "predict" and not any(isinstance(c, JsonlPredictionWriter) for c in callbacks):
             callbacks.append(JsonlPredictionWriter())
         if not any(isinstance(c, StopOnSignal) for c in callbacks):
@@ -329,6 +371,19 @@ class SmarterCLI(LightningCLI):
             max_new = module.generation.max_new_tokens
             for index, item in enumerate(datamodule.prompt_items()):
                 check_generation_fits(len(item["input_ids"]), max_new, module.max_positions, f"prompt {index + 1}")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; a failure of the machine (out of memory, a full disk, a lost process) ends as one line that
+        names the cause and the last checkpoint, its traceback written to a log file in the run's folder."""
+        try:
+            super()._run_subcommand(subcommand)
+        except (RunStopped, ConfigError, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as error:
+            failed = run_failed(error, subcommand, self.trainer)
+            if failed is None:
+                raise
+            raise failed from None
 
     def before_fit(self) -> None:
         self._prepare_run("fit")
@@ -382,8 +437,17 @@ def build_cli(args: list[str], run: bool = True) -> SmarterCLI:
         parser_kwargs={"prog": PROG},
         args=expand_config_arguments(list(args)),
         run=run,
-        run_name=run_name(args),
+        run_name=stage_run_name(args) if run else run_name(args),
     )
+
+
+def stage_run_name(args: list[str]) -> str:
+    """The logger's run name: the first config file's stem for ``fit``, and ``<stem>/<command>`` for validate,
+    test and predict, so that scoring and generating runs never mix with the training runs of that name
+    (``runs/tiny/version_0`` trains; ``runs/tiny/validate/version_0`` scores)."""
+    name = run_name(args)
+    command = args[0] if args else "fit"
+    return name if command == "fit" else f"{name}/{command}"
 
 
 # ---- the command registry --------------------------------------------------------------------------

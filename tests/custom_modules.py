@@ -82,6 +82,29 @@ class SignalAtStep(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class FailAtStep(L.Callback):
+    """Raises, after a given training step, the error a failing machine raises.
+
+    Args:
+        step: Training step after which to raise (``global_step``).
+        failure: ``out-of-memory`` (CUDA out of memory), ``disk-full`` (no space left on device) or ``bug``.
+    """
+
+    def __init__(self, step: int = 3, failure: str = "out-of-memory") -> None:
+        self.step, self.failure = step, failure
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self.step:
+            return
+        if self.failure == "out-of-memory":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        if self.failure == "disk-full":
+            import errno
+
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise ZeroDivisionError("a bug in the user's callback")
+
+
 class KilledWhileSaving(AtomicCheckpointIO):
     """Writes the first checkpoint, then dies by SIGKILL halfway through writing the second."""
 

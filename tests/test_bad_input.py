@@ -83,7 +83,55 @@ CASES = [
     ),
     Case("an unknown preset field", [*VALIDATE, "--model.preset_overrides", "{layers: 3}"], "unknown MistralConfig"),
     Case("a source that does not exist", [*VALIDATE, "--model.source", "{tmp}/a/b/c"], "is not a preset"),
-    Case("an unreachable hub id", [*VALIDATE, "--model.source", "nobody-here/no-model"], "Could not read the config"),
+    Case(
+        "an unreachable hub id",
+        [*VALIDATE, "--model.source", "nobody-here/no-model"],
+        "is not in this machine's Hugging Face cache and HF_HUB_OFFLINE is set",
+    ),
+    Case("a source that is a file", [*VALIDATE, "--model.source", "{tmp}/text.ckpt"], "is a file; give a Hugging Face"),
+    Case("a source folder with no model", [*VALIDATE, "--model.source", "{tmp}"], "is a folder without a model"),
+    Case(
+        "fitting an adapter source without LoRA",
+        [*FIT, "--model.source", "{tmp}/adapter"],
+        "is a LoRA adapter, which fit trains further only with model.lora set to its shape (r 4, alpha 8",
+    ),
+    Case(
+        "an adapter source with another LoRA shape",
+        [*FIT, "--model.source", "{tmp}/adapter", "--model.lora.r", "16"],
+        "but model.lora has r 16, alpha 32",
+    ),
+    Case(
+        "held-out chapters that leave nothing to train on",
+        [*VALIDATE, "--data.val_chapters", str(list(range(1, 21))), "--data.test_chapters", str(list(range(21, 35)))],
+        "hold out all 34 chapters of the book, leaving nothing to train on",
+    ),
+    Case("a data cache under a file", [*VALIDATE, "--data.cache_dir", "{tmp}/a_file/cache"], "data.cache_dir="),
+    Case("a model cache under a file", [*VALIDATE, "--model.cache_dir", "{tmp}/a_file/cache"], "model.cache_dir="),
+    Case(
+        "a root folder under a file",
+        [*VALIDATE, "--trainer.logger", "false", "--trainer.default_root_dir", "{tmp}/a_file/root"],
+        "trainer.default_root_dir=",
+    ),
+    Case(
+        "a GPU config on a machine without a GPU",
+        [*FIT, "-c", str(REPO_ROOT / "configs/distributed/ddp.yaml")],
+        "trainer.accelerator gpu needs a CUDA GPU and none is visible here",
+    ),
+    Case(
+        "a module class that cannot be imported",
+        [*FIT, "--model", "my_package.ZLossModule"],
+        "the module 'my_package' cannot be imported: it is not installed nor on the Python path",
+    ),
+    Case(
+        "a study folder that is a file",
+        ["compare", "--output_dir", "{tmp}/a_file", "--overrides", "--model.source tiny"],
+        "compare --output_dir=",
+    ),
+    Case(
+        "an export folder under a file",
+        ["export", "--ckpt_path", "{tmp}/three-layers.ckpt", "--output_dir", "{tmp}/a_file/export"],
+        "--output_dir=",
+    ),
     Case("an unknown option", [*VALIDATE, "--model.layers", "3"], "model: Option 'layers' is not accepted"),
     Case("a number that is not one", [*FIT, "--trainer.max_steps", "ten"], "expected a whole number, got 'ten'"),
     Case("a config file that does not exist", ["fit", "-c", "{tmp}/nope.yaml"], "nope.yaml"),
@@ -277,6 +325,12 @@ def scratch(tmp_path_factory, book_path) -> Path:
     (folder / "kept.jsonl").write_text('{"keep": "me"}\n')
     (folder / "a_file").write_text("not a folder")
     (folder / "text.ckpt").write_text("not a checkpoint")
+    (folder / "adapter").mkdir()  # an exported adapter's files, as far as settings are read before weights load
+    (folder / "adapter" / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "base_model_name_or_path": "tiny", "r": 4, "lora_alpha": 8, '
+        '"target_modules": ["q_proj", "v_proj"]}'
+    )
+    (folder / "adapter" / "smarter_export.json").write_text('{"base": {"preset": "tiny", "preset_seed": 0}}')
     (folder / "no-logger-run" / "export" / "model").mkdir(parents=True)  # an earlier run's export, no logger
     (folder / "no-logger-run" / "export" / "model" / "config.json").write_text("{}")
     import lightning as L
@@ -355,7 +409,7 @@ def test_there_are_at_least_thirty_cases_and_the_docs_table_lists_each():
     if os.environ.get("WRITE_BAD_INPUT_TABLE") and len(SEEN) == len(CASES):
         rows = []
         for case in CASES:
-            typed = " ".join(_as_typed(case.args)).replace("{tmp}", "<folder>")
+            typed = " ".join(_as_typed(case.args)).replace("{tmp}", "<folder>").replace(f"{REPO_ROOT}/", "")
             rows.append(f"| {case.name} | `smarter {typed}` | {SEEN[case.name]} |".replace("||", "| |"))
         header = docs.read_text().split("| bad input |")[0]
         docs.write_text(

@@ -40,7 +40,7 @@ def _check_trace_folder(folder: Path, stage: str) -> dict:
 def test_validate_with_tracing_writes_traces_summary_and_scalars(tmp_path, monkeypatch, book_path):
     monkeypatch.chdir(tmp_path)
     main(["validate", "-c", TINY, "-c", TRACE, "-c", THROUGHPUT, "--trainer.enable_progress_bar", "false"])
-    run = next((tmp_path / "runs" / "tiny").glob("version_*"))
+    run = next((tmp_path / "runs" / "tiny" / "validate").glob("version_*"))  # scoring runs are named by command
     summary = _check_trace_folder(run / "kernel_trace", "val")
     assert summary["metadata"]["batch_shape"] == [8, 256]
     assert summary["kernels"][0]["name"] == "aten::mm"  # matmuls dominate even the tiny model
@@ -84,7 +84,7 @@ def test_tracing_and_throughput_in_fit_and_test(stage, tmp_path, monkeypatch, bo
             "false",
         ]
     )
-    run = next((tmp_path / "runs" / "tiny").glob("version_*"))
+    run = next((tmp_path / "runs" / "tiny" / ("" if command == "fit" else command)).glob("version_*"))
     _check_trace_folder(run / "kernel_trace", stage)
     logged = scalars(run)
     assert logged[f"perf/{stage}/tokens_per_s"][-1][1] > 0

@@ -61,7 +61,7 @@ def test_predict_writes_jsonl_with_timings_and_perf_scalars(tmp_path, monkeypatc
     )
     args = f"predict -c {TINY} -c {THROUGHPUT} -c {trace} --data.prompts_file {prompts}"
     main([*args.split(), "--model.generation.max_new_tokens", "8", "--trainer.enable_progress_bar", "false"])
-    run = next((tmp_path / "runs" / "tiny").glob("version_*"))
+    run = next((tmp_path / "runs" / "tiny" / "predict").glob("version_*"))
     records = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in records] == ["Who is Ben Gunn?", "Where is the treasure?", "Who keeps the map?"]
     for record in records:

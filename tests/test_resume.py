@@ -250,3 +250,30 @@ def test_sigterm_to_compare_takes_its_probe_down_and_the_study_resumes(tmp_path,
     resumed = run_smarter(*args, "--resume", "true", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (tmp_path / "study" / "report.md").is_file()
+
+
+@pytest.mark.parametrize(
+    ("failure", "cause"), [("out-of-memory", "out of GPU memory"), ("disk-full", "the disk is full")]
+)
+def test_a_failing_machine_ends_the_run_in_one_line_naming_the_last_checkpoint_and_a_log(
+    failure, cause, tmp_path, monkeypatch, capsys, book_path
+):
+    """Out of memory or a full disk after step 3, a checkpoint written at step 2: one line (exit 1) naming the
+    cause and that checkpoint, the traceback in a log file of the run's folder, the checkpoint intact."""
+    every_2 = [arg.replace("7", "2") for arg in EVERY_7]
+    fail = ["--trainer.callbacks+=custom_modules.FailAtStep", "--trainer.callbacks.failure", failure]
+    code = _fit(tmp_path, monkeypatch, "--trainer.max_steps", "12", *every_2, *fail)
+    assert code == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("smarter: error:")]
+    assert len(errors) == 1 and f"smarter: error: {cause} during fit at step 3" in errors[0]
+    (checkpoint,) = (_run(tmp_path, "version_0") / "checkpoints").glob("at*2.ckpt")
+    assert f"the last checkpoint is {checkpoint.relative_to(tmp_path)}" in errors[0]
+    assert read_checkpoint(checkpoint)["global_step"] == 2
+    (log,) = _run(tmp_path, "version_0").glob("smarter-error-*.log")
+    assert str(log.relative_to(tmp_path)) in errors[0] and "Traceback" in log.read_text()
+
+
+def test_a_bug_still_shows_its_traceback(tmp_path, monkeypatch, book_path):
+    fail = ["--trainer.callbacks+=custom_modules.FailAtStep", "--trainer.callbacks.failure", "bug"]
+    with pytest.raises(ZeroDivisionError):
+        _fit(tmp_path, monkeypatch, "--trainer.max_steps", "4", *fail)

@@ -3,12 +3,10 @@ whole study on the tiny preset; its failure handling."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shlex
 
-import matplotlib.image
 import pytest
 
 from conftest import REPO_ROOT
@@ -16,7 +14,7 @@ from foundation import ConfigError
 from helpers import scalars
 from smarter.cli import main
 from smarter.study import KernelShare, StudySettings, VariantResult, choose_best, fit_command, run_study
-from smarter.study.report import COLUMNS, PLOT_NAMES, markdown_table
+from smarter.study.report import COLUMNS, markdown_table
 
 FAST = ["--new_tokens", "6", "--repeats", "1", "--prefill_tokens", "64", "--kl_tokens", "256"]
 
@@ -94,55 +92,6 @@ def test_results_round_trip_through_json():
     assert restored == original and restored.peak_gib == 4.0
     settings = StudySettings(variants=["a"], overrides="--model.source tiny", repeats=2)
     assert StudySettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
-
-
-@pytest.mark.slow
-def test_the_six_variant_study_of_the_trained_tiny_model(trained_tiny, tmp_path, monkeypatch, capsys):
-    """The README's loop on a CPU: fit the tiny model (the session's quick start), then compare the six
-    variants of the model it exported: real perplexity, and quantization that shows in KL."""
-    monkeypatch.chdir(tmp_path)
-    model = trained_tiny / "export" / "model"
-    main(["compare", "--overrides", f"--model.source {model}", "--output_dir", "study", *FAST])
-    out = tmp_path / "study"
-    summary = json.loads((out / "results.json").read_text())
-    results = {r["variant"]: VariantResult.from_dict(r) for r in summary["results"]}
-    assert set(results) == {f"{q}-{a}" for q in ("bf16", "int8", "nf4") for a in ("eager", "sdpa")}
-    numeric = [
-        "load_s",
-        "val_ppl",
-        "val_bits_per_byte",
-        "prefill_tokens_per_s",
-        "ttft_ms",
-        "decode_tokens_per_s",
-        "device_time_per_step_ms",
-        "kl_vs_reference",
-        "top1_agreement",
-        "hf_generate_tokens_per_s",
-    ]
-    for name, result in results.items():
-        assert result.ok, (name, result.reason)
-        for key in numeric:
-            assert result.value(key) is not None, (name, key)
-        assert result.top_kernels
-        assert result.val_ppl < 700  # the trained model, not random weights (which score ~30,000)
-    assert results["bf16-sdpa"].kl_vs_reference == 0.0
-    assert results["bf16-sdpa"].top1_agreement == 1.0
-    assert results["bf16-eager"].kl_vs_reference < 1e-3  # the same weights, another attention kernel
-    assert results["nf4-sdpa"].kl_vs_reference > 10 * results["bf16-eager"].kl_vs_reference  # 4-bit shows
-    assert results["int8-sdpa"].kl_vs_reference > results["bf16-eager"].kl_vs_reference  # LLM.int8 barely does
-    assert results["nf4-sdpa"].val_ppl != results["bf16-sdpa"].val_ppl
-    with (out / "results.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
-    assert len(rows) == 6 and list(rows[0]) == ["variant", "status", *[c.key for c in COLUMNS]]
-    report = (out / "report.md").read_text()
-    assert sum(line.startswith(("| bf16-", "| int8-", "| nf4-")) for line in report.splitlines()) == 6
-    assert "Chosen for fine-tuning" in report and str(REPO_ROOT / "configs" / "finetune" / "lora.yaml") in report
-    for plot in PLOT_NAMES:
-        path = out / "plots" / f"{plot}.png"
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert matplotlib.image.imread(path).shape[0] > 100
-    assert len(list((out / "tensorboard").iterdir())) == 6
-    assert "fine-tune it with" in capsys.readouterr().out
 
 
 def test_failed_variants_are_reported_the_rest_complete_and_the_chosen_extension_fits(tmp_path, monkeypatch, book_path):
@@ -223,3 +172,16 @@ def test_the_study_builds_each_variant_for_its_fast_decoder():
     assert spec_for_the_study(spec, torch.device("cuda")).kernels == "off"
     assert spec_for_the_study(spec, torch.device("cpu")).kernels == "auto"
     assert spec_for_the_study(ModelSpec(source="tiny", kernels="liger"), torch.device("cuda")).kernels == "liger"
+
+
+def test_a_study_whose_every_variant_failed_exits_1_and_a_multi_line_reason_stays_in_its_cell(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["compare", "--variants", f"[{tmp_path / 'missing.yaml'}]", "--output_dir", str(tmp_path / "study")])
+    assert stopped.value.code == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("smarter: error:")]
+    assert len(errors) == 1 and "every variant failed (1; the first, missing: config not found" in errors[0]
+    assert (tmp_path / "study" / "report.md").is_file()  # what was measured (nothing) is still reported
+    multi = VariantResult.failed("nf4-eager", "Traceback (most recent call last):\n  boom | crash\nValueError: x")
+    table = markdown_table([FABRICATED[0], multi]).splitlines()
+    assert len(table) == 4 and table[-1].startswith("| nf4-eager | failed: Traceback (most recent call last): ")
+    assert table[-1].count("|") == table[0].count("|")  # one row, as many cells as the header

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-from foundation import RunInterrupted
+from foundation import RunInterrupted, RunStopped
 from smarter.study.runner import run_study
 from smarter.study.settings import StudySettings
 
@@ -41,6 +41,12 @@ def compare_main(args: list[str]) -> None:
         signal.signal(signum, stop)
     summary = run_study(StudySettings(**known))
     print(f"\n[compare] report: {summary.output_dir / 'report.md'}")
+    if not any(result.ok for result in summary.results):
+        first = summary.results[0]
+        raise RunStopped(
+            f"every variant failed ({len(summary.results)}; the first, {first.variant}: {first.reason}); the "
+            f"report and each variant's log are in {summary.output_dir}"
+        )
     if summary.chosen is not None:
         print(f"[compare] chosen: {summary.chosen.variant} ({summary.rule})")
         print(f"[compare] fine-tune it with:\n  {summary.fit_command}")

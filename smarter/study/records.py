@@ -111,4 +111,5 @@ class VariantResult:
 
     @classmethod
     def failed(cls, variant: str, reason: str, **details: Any) -> VariantResult:
-        return cls(variant=variant, status="failed", reason=reason, **details)
+        """A variant that could not be measured, with its reason on one line (a report's table cell)."""
+        return cls(variant=variant, status="failed", reason=" ".join(reason.split()), **details)

@@ -42,7 +42,8 @@ COLUMNS: list[Column] = [
 
 
 def status_text(result: VariantResult) -> str:
-    return "ok" if result.ok else f"failed: {result.reason or 'unknown'}"
+    reason = " ".join((result.reason or "unknown").split()).replace("|", "/")  # one table cell
+    return "ok" if result.ok else f"failed: {reason}"
 
 
 def format_value(value: float | None) -> str:

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datamodules.prompts import read_prompts_file
-from foundation import ConfigError, atomic_write_json, held_lock
+from foundation import ConfigError, atomic_write_json, held_lock, notify
 from smarter.study.chooser import choose_best, fit_command
 from smarter.study.probe import StudyPaths
 from smarter.study.records import VariantResult
 from smarter.study.report import write_csv, write_markdown_report, write_plots, write_tensorboard
-from smarter.study.settings import StudySettings, resolve_variant, variant_name
+from smarter.study.settings import StudySettings, configured_source, resolve_variant, variant_name
 
 
 @dataclass
@@ -108,9 +108,26 @@ def _save(paths: StudyPaths, settings: StudySettings, results: list[VariantResul
     atomic_write_json(paths.root / "results.json", summary)
 
 
+def warn_of_a_large_study_on_a_cpu(settings: StudySettings) -> None:
+    """Say so before a study of 7B-shape variants starts on a machine without a GPU (hours, tens of GB)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    large = [entry for entry in settings.variants if configured_source(entry, settings.overrides) not in (None, "tiny")]
+    if large:
+        notify(
+            f"no GPU here, and {len(large)} variant(s) ({', '.join(variant_name(e) for e in large[:3])}...) load a "
+            "7B-shape or real model: on a CPU each takes tens of minutes and tens of GB of memory. For a CPU demo, "
+            'add --overrides "--model.source tiny" (or a folder that `smarter fit -c configs/tiny.yaml` exported). '
+            "Each variant's progress is in <output_dir>/logs/."
+        )
+
+
 def run_study(settings: StudySettings) -> StudySummary:
     """Run every variant, write the report, and return the results with the chosen variant."""
     settings.check()
+    warn_of_a_large_study_on_a_cpu(settings)
     if settings.prompts_file:
         read_prompts_file(settings.prompts_file)  # refuse an empty or malformed file before any run
     settings.output_dir = settings.output_dir or f"study/{time.strftime('%Y%m%d-%H%M%S')}"
@@ -134,7 +151,7 @@ def _run_locked(settings: StudySettings, paths: StudyPaths, previous: dict[str, 
             results.append(previous[name])
             print(f"[compare] {name}: kept from the earlier run", flush=True)
             continue
-        print(f"[compare] {name}: running {resolve_variant(entry)}", flush=True)
+        print(f"[compare] {name}: running {resolve_variant(entry)} (progress: {paths.log(name)})", flush=True)
         result = run_variant(entry, settings, paths)
         print(f"[compare] {name}: {'ok' if result.ok else f'FAILED ({result.reason})'}", flush=True)
         results.append(result)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from foundation import ConfigError, atomic_write_json
+from foundation import ConfigError, atomic_write_json, check_writable_folder
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_VARIANTS = [f"variants/{q}-{a}.yaml" for q in ("bf16", "int8", "nf4") for a in ("eager", "sdpa")]
@@ -58,6 +58,8 @@ class StudySettings:
             raise ConfigError(f"compare --ppl_tolerance must be >= 0, got {self.ppl_tolerance}.")
         if not self.variants:
             raise ConfigError("compare --variants is empty; name at least one variant config.")
+        if self.output_dir:
+            check_writable_folder(self.output_dir, "compare --output_dir")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -89,3 +91,34 @@ def resolve_variant(entry: str) -> Path:
 def variant_name(entry: str) -> str:
     """A variant's name: its config file's stem (``configs/variants/nf4-sdpa.yaml`` -> ``nf4-sdpa``)."""
     return resolve_variant(entry).stem
+
+
+def configured_source(entry: str, overrides: str) -> str | None:
+    """The ``model.source`` a variant runs with: its config files' (bases first) unless the overrides set one."""
+    import shlex
+
+    import yaml
+
+    from smarter.config_files import expand_config_file
+
+    words = shlex.split(overrides)
+    for index, word in enumerate(words):
+        if word == "--model.source" and index + 1 < len(words):
+            return words[index + 1]
+        if word.startswith("--model.source="):
+            return word.split("=", 1)[1]
+    source = None
+    try:
+        expanded = expand_config_file(resolve_variant(entry))
+    except ConfigError:
+        return None  # the variant's own run reports it
+    for value in expanded[1::2]:  # -c VALUE pairs: a file or inline YAML text
+        path = Path(value)
+        try:
+            content = yaml.safe_load(path.read_text() if path.suffix == ".yaml" and path.is_file() else value)
+        except (OSError, yaml.YAMLError):
+            continue
+        model = content.get("model") if isinstance(content, dict) else None
+        found = (model or {}).get("source") or ((model or {}).get("init_args") or {}).get("source")
+        source = found or source
+    return source

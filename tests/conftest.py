@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # the command runner and the README's commands
 # huggingface_hub reads this once, when first imported (test modules import transformers while collected)
 os.environ["HF_HUB_OFFLINE"] = "1"
 # Triton kernels run in Triton's interpreter where there is no GPU; it must be set before Triton's own
@@ -71,14 +73,38 @@ def tiny_spec_kwargs() -> dict:
 
 
 @pytest.fixture(scope="session")
-def trained_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The README's main job, run once for the session: ``smarter fit -c configs/tiny.yaml``; its run folder."""
+def user_folder(tmp_path_factory: pytest.TempPathFactory, isolated_environment) -> Path:
+    """Where the user-path runs happen: a folder laid out like the repository's root (``configs/`` beside it),
+    in which the README's commands run as written."""
     if BOOK is None:
         pytest.skip("Treasure Island text not found: set TREASURE_ISLAND_PATH to pg120.txt")
-    from smarter.cli import main
+    from command_runs import make_user_folder
 
-    folder = tmp_path_factory.mktemp("quick-start")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        main(["fit", "-c", str(REPO_ROOT / "configs/tiny.yaml"), "--trainer.enable_progress_bar", "false"])
-    return folder / "runs" / "tiny" / "version_0"
+    return make_user_folder(tmp_path_factory.mktemp("user"))
+
+
+def _timing_log(folder: Path):
+    """Each user-path run's exit status and duration, appended to ``timings.txt`` in the user folder."""
+
+    def log(line: str) -> None:
+        with (folder / "timings.txt").open("a") as handle:
+            handle.write(line + "\n")
+
+    return log
+
+
+@pytest.fixture(scope="session")
+def user_runs(user_folder: Path):
+    """The README's commands and every fine-tuning recipe, run and chained as a user runs them, two at a time
+    (tests/user_paths.py lists them; tests/test_user_paths.py checks them)."""
+    from command_runs import run_jobs
+    from user_paths import user_jobs
+
+    return run_jobs(user_jobs(user_folder), parallel=2, threads=1, log=_timing_log(user_folder))
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(user_runs, user_folder: Path) -> Path:
+    """The README's main job, ``smarter fit -c configs/tiny.yaml``, run as written; its run folder."""
+    user_runs["tiny"].check()
+    return user_folder / "runs" / "tiny" / "version_0"

@@ -120,61 +120,6 @@ def test_every_config_parses_and_instantiates(config, tmp_path, monkeypatch, cap
     assert cli.datamodule.block_size <= cli.model.max_positions
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda p: p.stem)
-def test_every_variant_validates_on_cpu_with_the_tiny_preset(variant, tmp_path, monkeypatch, book_path):
-    monkeypatch.chdir(tmp_path)
-    main(
-        [
-            "validate",
-            "-c",
-            str(variant),
-            "--model.source",
-            "tiny",
-            "--trainer.limit_val_batches",
-            "2",
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
-    )
-    logged = scalars(tmp_path / "runs")
-    assert {"val/loss", "val/ppl", "val/bits_per_byte"} <= set(logged)
-    ppl = logged["val/ppl"][-1][1]
-    assert 1000 < ppl < 1e6  # random weights: close to the vocabulary size, and finite
-
-
-def test_a_subclass_of_the_module_runs_through_the_cli(tmp_path, monkeypatch, book_path):
-    monkeypatch.chdir(tmp_path)
-    main(
-        [
-            "fit",
-            "-c",
-            TINY,
-            "--model",
-            "custom_modules.ZLossMistralModule",
-            "--model.z_loss_coef",
-            "0.001",
-            "--data.block_size",
-            "64",
-            "--trainer.max_steps",
-            "3",
-            "--trainer.limit_val_batches",
-            "2",
-            "--trainer.val_check_interval",
-            "3",
-            "--trainer.log_every_n_steps",
-            "1",
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
-    )
-    logged = scalars(tmp_path / "runs")
-    assert len(logged["train/z_loss"]) >= 1
-    config = next((tmp_path / "runs").rglob("config.yaml")).read_text()
-    assert "custom_modules.ZLossMistralModule" in config and "z_loss_coef: 0.001" in config
-
-
 def test_a_run_without_a_logger_trains_and_leaves_the_configs_learning_rate_monitor_out(
     tmp_path, book_path, capsys, monkeypatch
 ):

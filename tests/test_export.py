@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import QUIET, TINY, cpu_trainer
+from helpers import cpu_trainer
 from lightning_modules import LoraSettings, MistralModule, ModelSpec, load_causal_lm, load_tokenizer
 from lightning_modules.export import (
     PROVENANCE_FILE,
@@ -152,26 +152,6 @@ def test_the_adapter_export_check_refuses_a_missing_or_changed_weight(tmp_path):
         _check_written_adapter(folder, {**weights, name.replace("layers.0.", "layers.7."): weights[name]}, "default")
     with pytest.raises(RuntimeError, match="1 differ"):
         _check_written_adapter(folder, {**weights, name: weights[name] + 1}, "default")
-
-
-def test_a_full_fine_tune_exports_its_whole_model_and_it_is_a_valid_source(tmp_path, monkeypatch, book_path, capsys):
-    from transformers import AutoModelForCausalLM
-
-    module = _train(tmp_path, source="tiny", dtype="float32")
-    (folder,) = export_trained_model(module.model, module.spec, tmp_path / "export")
-    assert folder.name == "model"
-    reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
-    assert _relative_error(_logits(reloaded), _logits(module.model)) < 1e-6
-
-    monkeypatch.chdir(tmp_path)
-    evaluate = ["validate", "-c", TINY, "--data.block_size", "64", "--trainer.limit_val_batches", "4", *QUIET]
-    main([*evaluate, "--model.source", str(folder)])
-    exported_ppl = float(capsys.readouterr().out.split("val/ppl")[1].split()[1])
-    direct = cpu_trainer(limit_val_batches=4)
-    from datamodules.treasure_island import TreasureIslandDataModule
-
-    direct.validate(module, datamodule=TreasureIslandDataModule(block_size=64), verbose=False)
-    assert exported_ppl == pytest.approx(float(direct.callback_metrics["val/ppl"]), rel=1e-4)
 
 
 def test_smarter_export_writes_both_folders_from_a_checkpoint_and_never_overwrites(tmp_path, book_path):

@@ -59,29 +59,102 @@ def make_eval_windows(
     Returns:
         ``input_ids`` and ``labels``, each ``(num_windows, window)`` int64.
     """
+    inputs, labels = [], []
+    for window_inputs, window_labels in eval_segments(tokens, bos_id, window, stride):
+        n_in = window_inputs.numel()
+        inputs.append(torch.cat([window_inputs, torch.full((window - n_in,), pad_id, dtype=torch.long)]))
+        labels.append(torch.cat([window_labels, torch.full((window - n_in,), IGNORE_INDEX, dtype=torch.long)]))
+    return {"input_ids": torch.stack(inputs), "labels": torch.stack(labels)}
+
+
+def eval_segments(
+    tokens: torch.Tensor, bos_id: int, window: int, stride: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The windows of ``make_eval_windows`` without their padding: ``(inputs, labels)`` pairs of equal
+    length (at most ``window``), in order."""
     if not 1 <= stride <= window:
         raise ConfigError(f"eval stride must be in [1, window={window}], got {stride}.")
     if tokens.dim() != 1 or tokens.numel() < 1:
         raise ConfigError("make_eval_windows needs a 1-D, non-empty token tensor.")
     sequence = torch.cat([torch.tensor([bos_id], dtype=torch.long), tokens.long()])
     last_target = sequence.numel() - 1  # targets are sequence positions 1..last_target
-    inputs, labels = [], []
+    segments = []
     scored_until = 0  # last sequence position already scored
     start = 0
     while scored_until < last_target:
         chunk = sequence[start : start + window + 1]
-        window_inputs = torch.full((window,), pad_id, dtype=torch.long)
-        window_labels = torch.full((window,), IGNORE_INDEX, dtype=torch.long)
         n_in = min(window, chunk.numel() - 1)
-        window_inputs[:n_in] = chunk[:n_in]
+        window_labels = torch.full((n_in,), IGNORE_INDEX, dtype=torch.long)
         # position j predicts sequence[start + j + 1]; score only targets beyond scored_until
         first_new = max(scored_until - start, 0)
         window_labels[first_new:n_in] = chunk[first_new + 1 : n_in + 1]
         scored_until = start + n_in
-        inputs.append(window_inputs)
-        labels.append(window_labels)
+        segments.append((chunk[:n_in].clone(), window_labels))
         start += stride
-    return {"input_ids": torch.stack(inputs), "labels": torch.stack(labels)}
+    return segments
+
+
+def pack_segments(
+    segments: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Pack whole segments (``(inputs, labels)`` of at most ``block_size`` each) into rows, none split.
+
+    Each segment goes to the fullest row it still fits in (best fit, in the given order), so rows are
+    nearly full. ``position_ids`` restart at 0 where each segment starts: the model's attention then stays
+    inside every segment, and each segment is scored as if it were alone. The tail of a row is padding
+    (labels ``IGNORE_INDEX``) whose positions continue the row's last segment.
+
+    Returns:
+        ``input_ids``, ``labels`` and ``position_ids``, each ``(rows, block_size)`` int64.
+    """
+    import bisect
+
+    rows: list[list[int]] = []  # segment indices of each row
+    room: list[tuple[int, int]] = []  # sorted (free positions, row)
+    for index, (inputs, _) in enumerate(segments):
+        length = inputs.numel()
+        if not 1 <= length <= block_size:
+            raise ConfigError(f"a packed segment needs 1..{block_size} tokens, got {length}.")
+        spot = bisect.bisect_left(room, (length, -1))
+        if spot < len(room):
+            free, row = room.pop(spot)
+        else:
+            free, row = block_size, len(rows)
+            rows.append([])
+        rows[row].append(index)
+        if free - length > 0:
+            bisect.insort(room, (free - length, row))
+    input_ids = torch.full((len(rows), block_size), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), block_size), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), block_size), dtype=torch.long)
+    for row, members in enumerate(rows):
+        at = 0
+        for index in members:
+            inputs, targets = segments[index]
+            n = inputs.numel()
+            input_ids[row, at : at + n] = inputs
+            labels[row, at : at + n] = targets
+            position_ids[row, at : at + n] = torch.arange(n)
+            at += n
+        last = position_ids[row, at - 1] if at else -1
+        position_ids[row, at:] = last + 1 + torch.arange(block_size - at)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def positions_restarting_at(input_ids: torch.Tensor, start_id: int) -> torch.Tensor:
+    """``position_ids`` for packed rows that restart at 0 at every ``start_id`` token (a document's BOS) and at
+    each row's start, so that attention stays inside each document.
+
+    Args:
+        input_ids: ``(rows, L)`` packed token ids.
+        start_id: The id that opens a document.
+
+    Returns:
+        ``(rows, L)`` int64.
+    """
+    index = torch.arange(input_ids.shape[1]).expand_as(input_ids)  # (rows, L)
+    starts = torch.where(input_ids == start_id, index, torch.zeros_like(index))
+    return index - torch.cummax(starts, dim=1).values
 
 
 def scored_bytes(labels: torch.Tensor, byte_lengths: torch.Tensor, text_bytes: int | None = None) -> torch.Tensor:

@@ -205,9 +205,10 @@ class MistralModule(L.LightningModule):
         return load_causal_lm(self.spec, device)
 
     # ---- loss ----------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Next-token logits ``(batch, seq, vocab)``."""
-        return self.model(input_ids=input_ids, use_cache=False).logits
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits ``(batch, seq, vocab)``. ``position_ids`` that restart at 0 mark where a packed
+        document starts: attention then stays inside each document."""
+        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
     def _loss_path(self) -> str:
         head = self._causal_lm().lm_head
@@ -221,19 +222,21 @@ class MistralModule(L.LightningModule):
     def token_nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed NLL (nats, fp32) of the scored targets of ``batch`` and their number."""
         with adapter_autocast(self.device, self.adapter_dtype):
-            nll_sum = self._nll_sum(batch["input_ids"], batch["labels"])
+            nll_sum = self._nll_sum(batch["input_ids"], batch["labels"], batch.get("position_ids"))
         return nll_sum, (batch["labels"] != IGNORE_INDEX).sum()
 
-    def _nll_sum(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _nll_sum(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Summed NLL of ``labels`` (``(batch, seq)``, already shifted) by the configured loss path."""
         path = self._loss_path()
         if path == "logits":
-            logits = self(input_ids)  # (batch, seq, vocab)
+            logits = self(input_ids, position_ids)  # (batch, seq, vocab)
             return F.cross_entropy(
                 logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
             )
         causal_lm = self._causal_lm()
-        hidden = causal_lm.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (b, s, h)
+        hidden = causal_lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         weight = causal_lm.lm_head.weight  # (vocab, hidden)
         rows = hidden.flatten(0, 1)  # (b*s, h)
         if path == "fused" and torch.is_grad_enabled():  # it computes gradients as it goes: training only
@@ -399,6 +402,7 @@ class MistralModule(L.LightningModule):
             "generated_tokens": len(result.new_tokens),
             "samples": 1,
             "seq_len": int(input_ids.shape[1]) + len(result.new_tokens),
+            **({"reference": batch["reference"]} if "reference" in batch else {}),
         }
 
     # ---- optimization --------------------------------------------------------------------

@@ -38,9 +38,9 @@ def smarter_executable() -> str:
 
 def make_user_folder(folder: Path) -> Path:
     """A folder laid out like the repository's root for a user: ``configs/`` and ``tests/`` (which holds the
-    README's subclassing example) point at the repository's own."""
+    README's subclassing example) and ``docs/`` (the README's own-text example) point at the repository's own."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("configs", "tests"):
+    for name in ("configs", "tests", "docs"):
         link = folder / name
         if not link.exists():
             link.symlink_to(REPO_ROOT / name, target_is_directory=True)
@@ -101,6 +101,8 @@ def _argv_and_env(command: str, threads: int | None) -> tuple[list[str], dict[st
         env[key] = value
     if words[0] == "smarter":
         words[0] = smarter_executable()
+    elif words[0] in ("python", "python3"):
+        words[0] = sys.executable  # the environment smarter is installed in
     return words, env
 
 

@@ -20,6 +20,8 @@ from smarter.study.settings import configured_source  # noqa: E402
 
 # the model sources a CPU runs in minutes: the tiny preset, or what a tiny run exported under runs/
 CPU_SOURCES = ("tiny",)
+# the repository's packages: ``python -m <package>.<script>`` runs one of its scripts (on a CPU)
+OWN = ("datamodules", "lightning_modules", "callbacks", "smarter")
 KINDS = ("cpu", "gpu", "two-gpus", "real-weights", "install", "tests", "viewer")
 
 
@@ -100,6 +102,8 @@ def _parse_part(part: str) -> ReadmeCommand | None:
     text = part.split(" #", 1)[0].strip()
     if program == "smarter":
         return ReadmeCommand(text, classify(list(argv)), env, argv)
+    if program in ("python", "python3") and argv[:1] == ("-m",) and len(argv) > 1 and argv[1].split(".")[0] in OWN:
+        return ReadmeCommand(text, "cpu", env, argv)  # a script of this repository (the instruction-set maker)
     if program == "tensorboard":
         return ReadmeCommand(text, "viewer", env, argv)
     if "pytest" in words:

@@ -38,6 +38,7 @@ TRAIN_LENGTH = "--trainer.limit_train_batches 6 --trainer.limit_val_batches 4 --
 THROUGHPUT = "-c configs/callbacks/throughput.yaml"
 PROMPTS = "--data.prompts_file configs/prompts/book-openings.txt --data.chat_template false"
 DECODE = f"--model.generation.decoder static-compiled --model.generation.max_new_tokens 32 {PROMPTS}"
+INSTRUCTIONS = "-c configs/data/instructions.yaml --data.path data/book-qa.jsonl"
 STUDY = "--new_tokens 16 --repeats 1 --prefill_tokens 256 --kl_tokens 512"
 
 
@@ -68,49 +69,58 @@ def shape(layers: int) -> str:
     return f"--model.preset_overrides '{{num_hidden_layers: {layers}}}'" if layers else ""
 
 
-def recipe_steps(recipe: str, layers: int) -> list[Step]:
-    config, fit = f"finetune/{recipe}", f"smarter fit -c configs/finetune/{recipe}.yaml {THROUGHPUT} {shape(layers)}"
+def recipe_steps(recipe: str, layers: int, data: str = "", on: str = "") -> list[Step]:
+    """A recipe's chain; with ``data`` (config arguments), on that data, its runs named after ``on``."""
+    config = f"finetune/{recipe}" + (f" on {on}" if on else "")
+    fit = f"smarter fit -c configs/finetune/{recipe}.yaml {THROUGHPUT} {data} {shape(layers)}".replace("  ", " ")
     runs = f"runs/{recipe}"
-    adapter = f"{runs}/matrix/export/adapter"
+    version = f"matrix-{on}" if on else "matrix"
+    adapter = f"{runs}/{version}/export/adapter"
+    decode = DECODE.replace(PROMPTS, "") if data else DECODE  # held-out prompts of the data, or the book's
+    named = f" --trainer.logger.init_args.version {version}" if on else ""  # beside the book's version_0
+    scored = f"{runs}/validate/{version}" if on else f"{runs}/validate/version_0"
     return [
         Step(
             f"{config}: fit",
             config,
             "fit",
-            f"{fit} {TRAIN_LENGTH} --trainer.logger.init_args.version matrix",
-            f"{runs}/matrix",
+            f"{fit} {TRAIN_LENGTH} --trainer.logger.init_args.version {version}",
+            f"{runs}/{version}",
         ),
         Step(
             f"{config}: SIGTERM",
             config,
             "stop",
-            f"{fit} {TRAIN_LENGTH} --trainer.logger.init_args.version stopped",
-            f"{runs}/stopped",
-            stop_when=f"{runs}/stopped/checkpoints/best-step*.ckpt",
+            f"{fit} {TRAIN_LENGTH} --trainer.logger.init_args.version {version}-stopped",
+            f"{runs}/{version}-stopped",
+            stop_when=f"{runs}/{version}-stopped/checkpoints/best-step*.ckpt",
             expect=143,
         ),
         Step(
             f"{config}: resume",
             config,
             "resume",
-            f"{fit} {TRAIN_LENGTH} --trainer.logger.init_args.version resumed --ckpt_path {{interrupted}}",
-            f"{runs}/resumed",
+            f"{fit} {TRAIN_LENGTH} --trainer.logger.init_args.version {version}-resumed --ckpt_path {{interrupted}}",
+            f"{runs}/{version}-resumed",
         ),
-        Step(f"{config}: export", config, "export", f"smarter export --ckpt_path {runs}/matrix/checkpoints/last.ckpt"),
+        Step(
+            f"{config}: export", config, "export", f"smarter export --ckpt_path {runs}/{version}/checkpoints/last.ckpt"
+        ),
         Step(
             f"{config}: validate",
             config,
             "validate",
-            f"smarter validate -c configs/finetune/{recipe}.yaml {THROUGHPUT} --model.source {adapter} "
-            "--trainer.limit_val_batches 4",
-            f"{runs}/validate/version_0",
+            f"smarter validate -c configs/finetune/{recipe}.yaml {THROUGHPUT} {data} --model.source {adapter} "
+            f"--trainer.limit_val_batches 4{named}".replace("  ", " "),
+            scored,
         ),
         Step(
             f"{config}: predict",
             config,
             "predict",
-            f"smarter predict -c configs/finetune/{recipe}.yaml {THROUGHPUT} --model.source {adapter} {DECODE}",
-            f"{runs}/predict/version_0",
+            " ".join(f"smarter predict -c configs/finetune/{recipe}.yaml {THROUGHPUT} {data} {decode}".split())
+            + f" --model.source {adapter}{named}",
+            f"{runs}/predict/{version}" if on else f"{runs}/predict/version_0",
         ),
     ]
 
@@ -149,6 +159,8 @@ def plan_steps(layers: int = 4) -> list[Step]:
     recipes = sorted(path.stem for path in (REPO / "configs" / "finetune").glob("*.yaml"))
     variants = sorted(path.stem for path in (REPO / "configs" / "variants").glob("*.yaml"))
     steps = [step for recipe in recipes for step in recipe_steps(recipe, layers)]
+    # your own data: the fastest recipe's whole chain on the instruction set the README makes from the book
+    steps += recipe_steps("qlora-fast", layers, INSTRUCTIONS, on="instructions")
     steps += [step for variant in variants for step in variant_steps(variant, layers)]
     steps.append(
         Step(
@@ -201,7 +213,8 @@ def _first_error(stderr: str) -> str:
 def run_step(step: Step, folder: Path, logs: Path) -> dict:
     command = step.command
     if "{interrupted}" in command:
-        found = sorted(folder.glob(f"runs/{step.config.split('/')[-1]}/stopped/checkpoints/interrupted-step*.ckpt"))
+        stopped = step.run.replace("-resumed", "-stopped")  # the SIGTERM step's run
+        found = sorted(folder.glob(f"{stopped}/checkpoints/interrupted-step*.ckpt"))
         if not found:
             return {**asdict(step), "status": "skipped", "error": "the SIGTERM step left no interrupted checkpoint"}
         command = command.replace("{interrupted}", str(found[-1].relative_to(folder)))
@@ -298,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     import threading
 
     folder = make_user_folder(Path(args.folder).resolve())
+    questions = folder / "data" / "book-qa.jsonl"  # the instruction set the README's GPU command fine-tunes on
+    if not questions.is_file():
+        from datamodules.book_instructions import main as make_book_questions
+
+        make_book_questions(["--output", str(questions)])
     logs = folder / "logs"
     logs.mkdir(exist_ok=True)
     out = Path(args.out)

@@ -3,8 +3,10 @@
 Each batch is timed between its start and end hooks with the GPU synchronized at both ends, so the
 time covers the whole step (``tokens_per_s``); ``wall_tokens_per_s`` also counts the time between
 batches (loading, logging, waiting for other processes), which is what a run sees as a whole.
-Tokens are the scored ones (``labels != IGNORE_INDEX``; padding is not work
-done), or generated tokens for predict when the module reports them. The first ``warmup_steps``
+Tokens are the scored ones (``labels != IGNORE_INDEX``: padding, and the prompts of instruction data,
+are not counted), or generated tokens for predict when the module reports them; ``input_tokens_per_s``
+counts every position the model computes (the row length times the batch), and the FLOPs behind
+``tflops_per_s`` and MFU are counted over those positions, which is the work done. The first ``warmup_steps``
 batches of each stage are left out of the stage totals (compilation, allocator growth, caches).
 Validation inside ``fit`` is timed as stage ``val`` too; its memory figures are left out, since the
 peak belongs to training.
@@ -37,6 +39,7 @@ class StageCounters:
     steps: int = 0
     seen: int = 0
     tokens: int = 0
+    positions: int = 0
     samples: int = 0
     seconds: float = 0.0
     between_s: float = 0.0  # time between consecutive timed batches of this stage, no other stage in it
@@ -93,17 +96,17 @@ class ThroughputMemoryCallback(StageCallback):
         return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
     @staticmethod
-    def _batch_work(batch: Any, outputs: Any) -> tuple[int, int, int]:
-        """(scored tokens, samples, sequence length) of a batch."""
+    def _batch_work(batch: Any, outputs: Any) -> tuple[int, int, int, int]:
+        """(scored tokens, samples, sequence length, positions computed) of a batch."""
         if isinstance(outputs, dict) and "generated_tokens" in outputs:
             generated = int(outputs["generated_tokens"])
-            return generated, int(outputs.get("samples", 1)), int(outputs.get("seq_len", 1))
+            return generated, int(outputs.get("samples", 1)), int(outputs.get("seq_len", 1)), generated
         if isinstance(batch, dict) and "input_ids" in batch:
             ids = batch["input_ids"]
             labels = batch.get("labels")
             tokens = int((labels != IGNORE_INDEX).sum()) if labels is not None else ids.numel()
-            return tokens, ids.shape[0], ids.shape[-1]
-        return 0, 0, 0
+            return tokens, ids.shape[0], ids.shape[-1], ids.numel()
+        return 0, 0, 0, 0
 
     def _log(self, trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
         for logger in trainer.loggers:
@@ -126,13 +129,16 @@ class ThroughputMemoryCallback(StageCallback):
         if counters is None:
             return
         result: dict[str, float] = {"host_rss_gib": host_rss_gib()}
-        (tokens, samples, flops, seconds, steps, wall), every = self._whole_run(trainer, pl_module, counters)
+        (tokens, positions, samples, flops, seconds, steps, wall), every = self._whole_run(
+            trainer, pl_module, counters
+        )
         world = max(trainer.world_size, 1)
         if seconds > 0:
             result.update(
                 tokens_per_s=tokens / seconds,  # the whole run: every process's tokens over the slowest's time
                 wall_tokens_per_s=tokens / wall,
                 tokens_per_s_per_device=tokens / seconds / world,
+                input_tokens_per_s=positions / seconds,
                 samples_per_s=samples / seconds,
                 step_time_ms=1000 * seconds / max(steps, 1),
                 tflops_per_s=flops / seconds / 1e12,
@@ -155,17 +161,25 @@ class ThroughputMemoryCallback(StageCallback):
 
     @staticmethod
     def _whole_run(trainer: L.Trainer, pl_module: L.LightningModule, counters: StageCounters):
-        """(tokens, samples, FLOPs, seconds, steps, wall seconds) of the whole run: sums over processes, the
-        slowest process's times; and the same six figures of each process."""
+        """(tokens, positions, samples, FLOPs, seconds, steps, wall seconds) of the whole run: sums over processes,
+        the slowest process's times; and the same seven figures of each process."""
         wall = counters.seconds + counters.between_s
-        mine = [counters.tokens, counters.samples, counters.flops, counters.seconds, counters.steps, wall]
+        mine = [
+            counters.tokens,
+            counters.positions,
+            counters.samples,
+            counters.flops,
+            counters.seconds,
+            counters.steps,
+            wall,
+        ]
         if trainer.world_size <= 1:
             return mine, [mine]
         local = torch.tensor(mine, dtype=torch.float64, device=pl_module.device)
-        every = trainer.strategy.all_gather(local).reshape(trainer.world_size, len(mine))  # (processes, 6)
+        every = trainer.strategy.all_gather(local).reshape(trainer.world_size, len(mine))  # (processes, 7)
         totals, slowest = every.sum(dim=0).tolist(), every.max(dim=0).values.tolist()
-        # summed tokens, samples, FLOPs; the slowest seconds, steps, wall
-        return [*totals[:3], *slowest[3:]], every.tolist()
+        # summed tokens, positions, samples, FLOPs; the slowest seconds, steps, wall
+        return [*totals[:4], *slowest[4:]], every.tolist()
 
     def on_stage_batch_start(self, stage: Stage, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
         if stage not in self.counters:
@@ -186,16 +200,17 @@ class ThroughputMemoryCallback(StageCallback):
         self._t0 = None
         counters = self.counters[stage]
         counters.seen += 1
-        tokens, samples, seq_len = self._batch_work(batch, outputs)
+        tokens, samples, seq_len, positions = self._batch_work(batch, outputs)
         config = getattr(pl_module, "model_config", None)
         flops = 0.0
         if config is not None and seq_len:
-            flops = tokens * flops_per_token(config, seq_len, counters.mode, counters.lora_weights)
+            flops = positions * flops_per_token(config, seq_len, counters.mode, counters.lora_weights)
         counters.last_end = time.perf_counter() if counters.seen >= self.warmup_steps else None
         if counters.seen <= self.warmup_steps:
             return
         counters.steps += 1
         counters.tokens += tokens
+        counters.positions += positions
         counters.samples += samples
         counters.seconds += elapsed
         counters.flops += flops

@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             path = cache_folder() / "pg120.txt"
             if not path.is_file():
-                download_book(TREASURE_ISLAND_URL, path)
+                try:
+                    download_book(TREASURE_ISLAND_URL, path)
+                except ConfigError as error:
+                    reason = str(error).split(". Give a local copy")[0]
+                    raise ConfigError(f"{reason}; give a local copy with --book or ${BOOK_PATH_ENV}.") from None
         if args.next_sentences < 0:
             raise ConfigError(f"--next_sentences must be >= 0, got {args.next_sentences}.")
         samples = book_instructions(read_utf8_text(path), args.next_sentences, args.seed)

@@ -138,6 +138,15 @@ class BatchPadder:
         return {"input_ids": inputs, "labels": labels}
 
 
+def count_summary(counts: dict[str, int]) -> str:
+    """``"21 kept (1 truncated), 1 dropped (no answer within the block)"``: what became of a split's samples."""
+    parts = [
+        f"{counts.get('kept', 0)} kept" + (f" ({counts['truncated']} truncated)" if counts.get("truncated") else "")
+    ]
+    parts += [f"{value} {what}" for what, value in sorted(counts.items()) if what.startswith("dropped")]
+    return ", ".join(parts)
+
+
 class InstructionDataModule(TokenDataModule):
     """Instruction or chat data, trained and scored on the assistant's answers.
 
@@ -257,14 +266,21 @@ class InstructionDataModule(TokenDataModule):
         if self.splits is not None:
             return self.splits
         samples = self.read_conversations(self.path, "data.path")
+        given = {
+            name: self.read_conversations(path, f"data.{name}_path")
+            for name, path in (("val", self.val_path), ("test", self.test_path))
+            if path
+        }
+        for sample in [*samples, *(s for held_out in given.values() for s in held_out)]:
+            self.render(sample)  # an answer empty after templating is refused before the run, by file and line
         order = list(range(len(samples)))
         random.Random(self.split_seed).shuffle(order)
         samples = [samples[i] for i in order]
         n_val, n_test = held_out_counts(len(samples), self.val_fraction, self.test_fraction)
         splits: dict[str, list[Conversation]] = {}
-        for name, given, count in (("val", self.val_path, n_val), ("test", self.test_path, n_test)):
-            if given:
-                splits[name] = self.read_conversations(given, f"data.{name}_path")
+        for name, count in (("val", n_val), ("test", n_test)):
+            if name in given:
+                splits[name] = given[name]
             else:
                 splits[name], samples = samples[:count], samples[count:]
         splits["train"] = samples
@@ -274,9 +290,6 @@ class InstructionDataModule(TokenDataModule):
                 "or hold out fewer (data.val_fraction, data.test_fraction)."
             )
         self.splits = splits
-        for name in SPLITS:
-            for sample in splits[name]:
-                self.render(sample)  # an answer empty after templating is refused before the run
         return splits
 
     # ---- rendering -------------------------------------------------------------------------------
@@ -385,7 +398,7 @@ class InstructionDataModule(TokenDataModule):
             segments = [segment for segment in segments if segment is not None]
             if not segments:
                 raise ConfigError(
-                    f"every sample of the {name} split is longer than data.block_size {self.block_size} "
+                    f"every sample of the {name} split of {self.path} is longer than data.block_size {self.block_size} "
                     f"({dict(self.counts[name])}); raise data.block_size."
                 )
             if name == "train" and not self.packing:
@@ -415,10 +428,7 @@ class InstructionDataModule(TokenDataModule):
         counts = tensors.pop("counts")
         self.datasets = {name: self.make_dataset(name, tensors[name]) for name in SPLITS}
         scored = {name: scored_tokens(tensors[name]["labels"]) for name in SPLITS}
-        summary = "; ".join(
-            f"{name}: " + ", ".join(f"{value} {what}" for what, value in sorted(counts.get(name, {}).items()))
-            for name in SPLITS
-        )
+        summary = "; ".join(f"{name}: {count_summary(counts.get(name, {}))}" for name in SPLITS)
         rank_zero_info(
             f"instructions {self.path}: samples {summary} (block {self.block_size}, overlong: {self.overlong}); "
             f"scored tokens train={scored['train']} val={scored['val']} test={scored['test']} "
@@ -428,18 +438,17 @@ class InstructionDataModule(TokenDataModule):
 
     def log_sample_counts(self) -> None:
         """Put the kept / truncated / dropped counts in the run's log (once, when a trainer with a logger runs)."""
-        logger = self.trainer.logger if self._trainer is not None else None
-        if logger is None or getattr(self, "_counts_logged", False):
+        logger = self.trainer.logger if self.trainer is not None else None
+        if logger is None or getattr(self, "_counts_logged", False) or not getattr(self, "sample_counts", None):
             return
         self._counts_logged = True
-        logger.log_metrics(
-            {
-                f"data/{name}_samples_{what.split(' ')[0]}": float(value)
-                for name, counter in self.sample_counts.items()
-                for what, value in counter.items()
-            },
-            step=0,
-        )
+        metrics = {}
+        for name, counter in self.sample_counts.items():
+            for kind in ("kept", "truncated", "dropped"):
+                metrics[f"data/{name}_samples_{kind}"] = float(
+                    sum(value for what, value in counter.items() if what.split(" ")[0] == kind)
+                )
+        logger.log_metrics(metrics, step=0)
 
     def train_dataloader(self):
         self.log_sample_counts()

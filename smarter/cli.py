@@ -25,7 +25,7 @@ from callbacks.last_checkpoint import LastCheckpointAtTrainEnd
 from callbacks.model_export import ExportAtFitEnd
 from callbacks.prediction_writer import JsonlPredictionWriter
 from callbacks.strategies import check_strategy_fits_accumulation
-from datamodules.treasure_island import TreasureIslandDataModule
+from datamodules.token_data import TokenDataModule
 from foundation import ConfigError, RunStopped, check_writable_folder, find_config_error, is_global_zero, notify
 from lightning_modules.checkpoints import read_checkpoint, refusal_message, setting_differences
 from lightning_modules.generation import check_generation_fits, resolve_decoder, resolve_matvec
@@ -420,7 +420,7 @@ def quiet_known_warnings() -> None:
 
 
 def build_cli(args: list[str], run: bool = True) -> SmarterCLI:
-    """The CLI over the Mistral module and the Treasure Island data (both subclassable).
+    """The CLI over the Mistral module and a token data module (the book by default; both subclassable).
 
     Args:
         args: Command-line arguments (a subcommand first when ``run``); config files that
@@ -429,7 +429,7 @@ def build_cli(args: list[str], run: bool = True) -> SmarterCLI:
     """
     return SmarterCLI(
         MistralModule,
-        TreasureIslandDataModule,
+        TokenDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},

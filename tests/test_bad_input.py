@@ -21,6 +21,8 @@ from smarter.cli import main
 VALIDATE = ["validate", "-c", TINY, *QUIET]
 FIT = ["fit", "-c", TINY, *QUIET]
 PREDICT = ["predict", "-c", TINY, *QUIET]
+QA = [*FIT, "-c", str(REPO_ROOT / "configs/data/instructions.yaml")]
+CORPUS = [*FIT, "-c", str(REPO_ROOT / "configs/data/corpus.yaml")]
 
 
 @dataclass(frozen=True)
@@ -307,6 +309,62 @@ CASES = [
     Case("exporting a missing checkpoint", ["export", "--ckpt_path", "{tmp}/none.ckpt"], "does not exist"),
     Case("exporting on a GPU there is not", ["export", "--ckpt_path", "x.ckpt", "--device", "cuda"], "no CUDA GPU"),
     Case("an unknown command", ["tune"], "unknown command 'tune'"),
+    # your own data: each refused before weights load, naming the file and the line
+    Case("an instruction set with no path", QA, "data.path is not set; give a file, a folder or a glob"),
+    Case("an empty instruction file", [*QA, "--data.path", "{tmp}/empty.jsonl"], "empty.jsonl is empty"),
+    Case("a JSONL line without the field", [*QA, "--data.path", "{tmp}/bad.jsonl"], "bad.jsonl:1 has no 'response'"),
+    Case(
+        "a column mapped to a missing field",
+        [*QA, "--data.path", "{tmp}/qa.jsonl", "--data.columns", '{"prompt": "question"}'],
+        "qa.jsonl:1 has no 'question' field",
+    ),
+    Case("roles out of order", [*QA, "--data.path", "{tmp}/roles.jsonl"], "roles.jsonl:1: message 1 has role 'user'"),
+    Case(
+        "a conversation ending with the user",
+        [*QA, "--data.path", "{tmp}/no-answer.jsonl"],
+        "no-answer.jsonl:2: the conversation ends without an assistant message",
+    ),
+    Case(
+        "a response empty after templating",
+        [*QA, "--data.path", "{tmp}/blank-answer.jsonl"],
+        "blank-answer.jsonl:3: the response is empty once templated",
+    ),
+    Case(
+        "every sample longer than the block",
+        [*QA, "--data.path", "{tmp}/long.jsonl", "--data.block_size", "16"],
+        "every sample of the train split of",
+    ),
+    Case(
+        "a sample over the block with overlong: error",
+        [*QA, "--data.path", "{tmp}/long.jsonl", "--data.block_size", "16", "--data.overlong", "error"],
+        "renders to 61 tokens, more than data.block_size 16",
+    ),
+    Case("a non-UTF-8 instruction file", [*QA, "--data.path", "{tmp}/binary.jsonl"], "binary.jsonl:2 is not UTF-8"),
+    Case(
+        "an instruction set with nothing left to train on",
+        [*QA, "--data.path", "{tmp}/qa.jsonl", "--data.val_fraction", "0.5", "--data.test_fraction", "0.5"],
+        "data.val_fraction + data.test_fraction = 1 leaves nothing to train on",
+    ),
+    Case(
+        "an instruction set too small to split",
+        [*QA, "--data.path", "{tmp}/qa.jsonl"],
+        "the instruction set's train split is empty (2 samples in",
+    ),
+    Case("an empty corpus file", [*CORPUS, "--data.path", "{tmp}/blank.txt"], "blank.txt is empty"),
+    Case("a corpus of binary text", [*CORPUS, "--data.path", "{tmp}/binary.txt"], "binary.txt:1 is not UTF-8 text"),
+    Case("a corpus row without text", [*CORPUS, "--data.path", "{tmp}/kept.jsonl"], "kept.jsonl:1 has no 'text'"),
+    Case(
+        "a corpus too small to hold anything out",
+        [*CORPUS, "--data.path", "{tmp}/one.txt"],
+        "the corpus's val split is empty",
+    ),
+    Case(
+        "held-out files the corpus lacks",
+        [*CORPUS, "--data.path", "{tmp}/corpus", "--data.val_files", "[nope.txt]"],
+        "data.val_files ['nope.txt'] match no file of the corpus",
+    ),
+    Case("a corpus folder without text", [*CORPUS, "--data.path", "{tmp}/code"], "holds no .txt, .md"),
+    Case("a study on text that is not there", ["compare", "--data", "{tmp}/nope"], "compare --data="),
 ]
 
 
@@ -323,6 +381,24 @@ def scratch(tmp_path_factory, book_path) -> Path:
     (folder / "bad.jsonl").write_text('{"prompt": "Ahoy"}\n{"text": "no prompt"}\n')
     (folder / "blank.txt").write_text("\n\n")
     (folder / "kept.jsonl").write_text('{"keep": "me"}\n')
+    (folder / "empty.jsonl").write_text("")
+    (folder / "qa.jsonl").write_text('{"prompt": "Who?", "response": "Silver."}\n' * 2)
+    turns = '{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}'
+    (folder / "roles.jsonl").write_text('{"messages": [' + turns + "]}\n")
+    (folder / "no-answer.jsonl").write_text(
+        '{"prompt": "Who?", "response": "Silver."}\n{"messages": [{"role": "user", "content": "Who?"}]}\n'
+    )
+    (folder / "blank-answer.jsonl").write_text(
+        '{"prompt": "Who?", "response": "Silver."}\n' * 2 + '{"prompt": "Hi", "response": "  "}\n'
+    )
+    (folder / "long.jsonl").write_text(('{"prompt": "' + "arr " * 50 + '", "response": "aye"}\n') * 10)
+    (folder / "binary.jsonl").write_bytes(b'{"prompt": "a", "response": "b"}\n\xff\xfe\n')
+    (folder / "one.txt").write_text("Ahoy.")
+    (folder / "code").mkdir()
+    (folder / "code" / "train.py").write_text("print('not text data')\n")
+    (folder / "corpus").mkdir()
+    for index in range(4):
+        (folder / "corpus" / f"doc{index}.txt").write_text(f"Document {index}: fifteen men on the dead man's chest.")
     (folder / "a_file").write_text("not a folder")
     (folder / "text.ckpt").write_text("not a checkpoint")
     (folder / "adapter").mkdir()  # an exported adapter's files, as far as settings are read before weights load

@@ -89,6 +89,9 @@ def test_tracing_and_throughput_in_fit_and_test(stage, tmp_path, monkeypatch, bo
     logged = scalars(run)
     assert logged[f"perf/{stage}/tokens_per_s"][-1][1] > 0
     assert logged[f"perf/{stage}/tflops_per_s"][-1][1] > 0
+    # every position computed is counted as input; only scored ones as tokens (evaluation windows overlap)
+    ratio = logged[f"perf/{stage}/input_tokens_per_s"][-1][1] / logged[f"perf/{stage}/tokens_per_s"][-1][1]
+    assert ratio == pytest.approx(1.0, abs=0.02) if stage == "train" else ratio > 1.5
 
 
 def test_window_longer_than_the_run_is_shrunk_to_fit_and_traces_real_batches(tmp_path, book_path):

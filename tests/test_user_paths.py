@@ -289,6 +289,66 @@ def test_the_subclassing_example_of_the_readme_runs(user_runs, user_folder):
     assert "train/z_loss" in scalars(run)
 
 
+# ---- your own data: the README's worked example ----------------------------------------------------------
+
+
+def _predictions(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_the_worked_example_fine_tunes_the_book_model_on_questions_made_from_the_book(user_runs, user_folder):
+    for job in ("book-qa", "qa-score-before", "qa-predict-before", "qa-fit", "qa-score-after", "qa-predict-after"):
+        user_runs[job].check()
+    samples = [json.loads(line) for line in (user_folder / "data" / "book-qa.jsonl").read_text().splitlines()]
+    assert len(samples) > 300 and all(s["prompt"].strip() and s["response"].strip() for s in samples)
+    runs = user_folder / "runs" / "tiny-instructions"
+    # nothing dropped silently: every sample of the set is counted in its split, as kept (none is over the block)
+    fit = scalars(runs / "version_0")
+    counted = {split: fit[f"data/{split}_samples_kept"][0][1] for split in ("train", "val", "test")}
+    assert sum(counted.values()) == len(samples)
+    assert "samples train: " in user_runs["qa-fit"].stdout + user_runs["qa-fit"].stderr
+    # perplexity on the held-out answers goes down, and the export scores what the run scored
+    before = scalars(runs / "validate" / "version_0")["val/ppl"][-1][1]
+    after = scalars(runs / "validate" / "version_1")["val/ppl"][-1][1]
+    assert after < 0.8 * before, (before, after)
+    assert after == pytest.approx(fit["val/ppl"][-1][1], rel=1e-4)
+    # the answers to the same held-out questions, before and after, each beside its reference
+    old = _predictions(runs / "predict" / "version_0" / "predictions.jsonl")
+    new = _predictions(runs / "predict" / "version_1" / "predictions.jsonl")
+    answers = {s["prompt"]: s["response"] for s in samples}
+    assert len(old) == len(new) == 8
+    for a, b in zip(old, new, strict=True):
+        assert a["prompt"] == b["prompt"] and a["reference"] == b["reference"] == answers[a["prompt"]]
+    assert [p["completion"] for p in old] != [p["completion"] for p in new]
+    # the fine-tuned model answers and stops at its EOS; the book model runs on to the token limit
+    assert sum(p["new_tokens"] < 32 for p in new) > sum(p["new_tokens"] < 32 for p in old)
+
+
+def test_qlora_on_an_instruction_set_is_one_command(user_runs, user_folder):
+    user_runs["qlora-on-qa"].check()
+    run = user_folder / "runs" / "qlora" / "instructions"
+    logged = scalars(run)
+    assert sorted(dict(logged["train/loss"])) == list(range(EPOCHS * EPOCH_BATCHES))
+    assert len(logged["val/ppl"]) == 2 * EPOCHS  # the recipe's own validations, on the held-out answers
+    assert (run / "export" / "adapter" / "adapter_model.safetensors").is_file()
+    assert "class_path: datamodules.InstructionDataModule" in (run / "config.yaml").read_text()
+
+
+def test_compare_scores_the_variants_on_your_own_text(user_runs, user_folder):
+    user_runs["study-of-own-text"].check()
+    out = user_folder / "study-own-text"
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["settings"]["data"] == "docs/**/*.md"
+    assert [r["status"] for r in summary["results"]] == ["ok", "ok"]
+    assert "corpus docs/**/*.md" in (out / "logs" / "bf16-sdpa.log").read_text()
+    assert "Scored on: docs/**/*.md" in (out / "report.md").read_text()
+    assert "--data.path 'docs/**/*.md'" in summary["fit_command"]  # the fine-tuning command keeps the data
+    (book,) = [path.parent for path in (user_folder / "study").glob("*/results.json")]
+    book_ppl = {r["variant"]: r["val_ppl"] for r in json.loads((book / "results.json").read_text())["results"]}
+    own_ppl = {r["variant"]: r["val_ppl"] for r in summary["results"]}
+    assert own_ppl["bf16-sdpa"] != pytest.approx(book_ppl["bf16-sdpa"], rel=1e-3)  # another text was scored
+
+
 # ---- the README -----------------------------------------------------------------------------------------
 
 

@@ -36,6 +36,22 @@ EXPORT_LAST = readme_command("smarter export --ckpt_path runs/qlora/version_0/ch
 SCORE_ADAPTER = readme_command(
     "smarter validate -c configs/finetune/qlora.yaml --model.source runs/qlora/version_0/export/adapter"
 ).text
+BOOK_QA = readme_command("python -m datamodules.book_instructions --output data/book-qa.jsonl").text
+QA = "configs/tiny-instructions.yaml"
+QA_EXPORT = "runs/tiny-instructions/version_0/export/model"
+QA_SCORE_BEFORE = readme_command(f"smarter validate -c {QA}").text
+QA_PREDICT_BEFORE = readme_command(f"smarter predict -c {QA}").text
+QA_FIT = readme_command(f"smarter fit -c {QA}").text
+QA_SCORE_AFTER = readme_command(f"smarter validate -c {QA} --model.source {QA_EXPORT}").text
+QA_PREDICT_AFTER = readme_command(f"smarter predict -c {QA} --model.source {QA_EXPORT}").text
+QLORA_ON_QA = readme_command(
+    "smarter fit -c configs/finetune/qlora.yaml -c configs/data/instructions.yaml --data.path data/book-qa.jsonl "
+    "--model.source tiny"
+).text
+STUDY_OF_OWN_TEXT = readme_command(
+    "smarter compare --variants '[bf16-sdpa, nf4-sdpa]' --data 'docs/**/*.md' "
+    '--overrides "--model.source runs/tiny/version_0/export/model"'
+).text
 SUBCLASS = readme_command(
     "PYTHONPATH=tests smarter fit -c configs/tiny.yaml --model custom_modules.ZLossMistralModule "
     "--model.z_loss_coef 1e-3"
@@ -97,6 +113,25 @@ def user_jobs(folder: Path) -> list[Job]:
             f"{SUBCLASS} --trainer.max_steps 3 --trainer.limit_val_batches 2 {LOG_EVERY_STEP}",
             folder,
             after=("tiny",),  # the quick start's run is version_0
+        ),
+        # the README's worked example on your own data: questions made from the book, the book model fine-tuned
+        Job("book-qa", BOOK_QA, folder),
+        Job("qa-score-before", QA_SCORE_BEFORE, folder, after=("tiny", "book-qa")),
+        Job("qa-predict-before", QA_PREDICT_BEFORE, folder, after=("tiny", "book-qa")),
+        Job("qa-fit", QA_FIT, folder, after=("tiny", "book-qa")),
+        Job("qa-score-after", QA_SCORE_AFTER, folder, after=("qa-fit", "qa-score-before")),
+        Job("qa-predict-after", QA_PREDICT_AFTER, folder, after=("qa-fit", "qa-predict-before")),
+        Job(
+            "qlora-on-qa",
+            f"{QLORA_ON_QA} {RUN_LENGTH} --trainer.logger.init_args.version instructions",
+            folder,
+            after=("book-qa",),
+        ),
+        Job(
+            "study-of-own-text",
+            f"{STUDY_OF_OWN_TEXT} --output_dir study-own-text {STUDY_LENGTH}",
+            folder,
+            after=("tiny",),
         ),
         # resume and continue
         Job("resumed", resumed, folder, after=("stopped",)),

@@ -48,10 +48,11 @@ def _shown_path(path: Path) -> str:
         return str(resolved)
 
 
-def fit_command(best: VariantResult, overrides: str = "") -> str:
-    """The command that fine-tunes ``best``: its own config, whole (class included), plus the LoRA recipe."""
+def fit_command(best: VariantResult, overrides: str = "", data_arguments: list[str] | None = None) -> str:
+    """The command that fine-tunes ``best``: its own config, whole (class included), plus the LoRA recipe and the
+    study's data."""
     config = resolve_variant(best.config or best.variant)
-    parts = ["smarter", "fit", "-c", _shown_path(config), "-c", _shown_path(FINETUNE_RECIPE)]
+    parts = ["smarter", "fit", "-c", _shown_path(config), "-c", _shown_path(FINETUNE_RECIPE), *(data_arguments or [])]
     command = shlex.join(parts)
     return f"{command} {overrides}".strip() if overrides else command
 

@@ -211,7 +211,7 @@ def probe(settings: StudySettings, entry: str) -> VariantResult:
     quiet_known_warnings()
     paths = StudyPaths(Path(settings.output_dir))
     config = resolve_variant(entry)
-    cli_args = ["-c", str(config), *shlex.split(settings.overrides), *HEADLESS_TRAINER_ARGS]
+    cli_args = ["-c", str(config), *settings.data_arguments(), *shlex.split(settings.overrides), *HEADLESS_TRAINER_ARGS]
     cli_args.append("--trainer.enable_checkpointing=false")
     if settings.prompts_file:
         cli_args += ["--data.prompts_file", settings.prompts_file]

@@ -101,14 +101,21 @@ def write_csv(results: list[VariantResult], path: Path) -> None:
 
 
 def write_markdown_report(
-    results: list[VariantResult], chosen: VariantResult | None, rule: str, command: str | None, repeats: int, out: Path
+    results: list[VariantResult],
+    chosen: VariantResult | None,
+    rule: str,
+    command: str | None,
+    repeats: int,
+    out: Path,
+    data: str | None = None,
 ) -> Path:
     finished = [r for r in results if r.ok]
     device = finished[0].device_name if finished else "unknown"
     lines = [
         "# Variant study",
         "",
-        f"Device: {device}. Generated {time.strftime('%Y-%m-%d %H:%M')} by `smarter compare`.",
+        f"Device: {device}. Generated {time.strftime('%Y-%m-%d %H:%M')} by `smarter compare`. "
+        f"Scored on: {data or 'Treasure Island'} (its held-out split).",
         "",
         markdown_table(results),
         "",

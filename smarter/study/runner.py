@@ -159,10 +159,10 @@ def _run_locked(settings: StudySettings, paths: StudyPaths, previous: dict[str, 
 
     results.sort(key=lambda r: names.index(r.variant))
     chosen, rule = choose_best(results, settings.reference, settings.ppl_tolerance)
-    command = fit_command(chosen, settings.overrides) if chosen else None
+    command = fit_command(chosen, settings.overrides, settings.data_arguments()) if chosen else None
     _save(paths, settings, results, chosen=chosen.variant if chosen else None, rule=rule, fit_command=command)
     write_csv(results, paths.root / "results.csv")
     write_plots(results, paths.root / "plots")
     write_tensorboard(results, paths.root / "tensorboard")
-    write_markdown_report(results, chosen, rule, command, settings.repeats, paths.root)
+    write_markdown_report(results, chosen, rule, command, settings.repeats, paths.root, settings.data)
     return StudySummary(output_dir=paths.root, results=results, chosen=chosen, rule=rule, fit_command=command)

@@ -14,6 +14,22 @@ REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_VARIANTS = [f"variants/{q}-{a}.yaml" for q in ("bf16", "int8", "nf4") for a in ("eager", "sdpa")]
 
 
+def is_config_file(data: str) -> bool:
+    return Path(data).suffix in (".yaml", ".yml")
+
+
+def check_data_option(data: str) -> None:
+    """Refuse a ``--data`` that names nothing, before any variant runs."""
+    if is_config_file(data):
+        if not Path(data).is_file():
+            raise ConfigError(f"compare --data {data}: no such config file; give a data config (configs/data/*.yaml).")
+        return
+    from datamodules.text_corpus import CORPUS_SUFFIXES
+    from datamodules.text_sources import find_data_files
+
+    find_data_files(data, "compare --data", CORPUS_SUFFIXES)
+
+
 @dataclass
 class StudySettings:
     """What the study runs and how it measures.
@@ -22,6 +38,9 @@ class StudySettings:
         variants: Variant configs (paths; bare names are looked up in ``configs/variants/``).
         output_dir: Report folder; unset means ``study/<date-time>``.
         overrides: Extra CLI arguments for every variant, e.g. ``"--model.source tiny"``.
+        data: What the variants are scored on, instead of the book: a data config (``configs/data/*.yaml``,
+            its ``data.path`` set inside it or in ``overrides``), or a text file, folder or glob of your own
+            (read by ``datamodules.TextCorpusDataModule``, its held-out split scored).
         reference: The variant the others are compared with (KL, top-1 agreement, perplexity).
         prompts_file: Prompts for the decode timing (the first one is timed); unset uses the defaults.
         new_tokens: Tokens generated per timed decode.
@@ -38,6 +57,7 @@ class StudySettings:
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     output_dir: str | None = None
     overrides: str = ""
+    data: str | None = None
     reference: str = "bf16-sdpa"
     prompts_file: str | None = None
     new_tokens: int = 64
@@ -60,6 +80,16 @@ class StudySettings:
             raise ConfigError("compare --variants is empty; name at least one variant config.")
         if self.output_dir:
             check_writable_folder(self.output_dir, "compare --output_dir")
+        if self.data:
+            check_data_option(self.data)
+
+    def data_arguments(self) -> list[str]:
+        """The CLI arguments that put ``data`` in every variant's run (none for the book)."""
+        if not self.data:
+            return []
+        if is_config_file(self.data):
+            return ["-c", self.data]
+        return ["--data.class_path", "datamodules.TextCorpusDataModule", "--data.path", self.data]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -129,9 +129,7 @@ class ThroughputMemoryCallback(StageCallback):
         if counters is None:
             return
         result: dict[str, float] = {"host_rss_gib": host_rss_gib()}
-        (tokens, positions, samples, flops, seconds, steps, wall), every = self._whole_run(
-            trainer, pl_module, counters
-        )
+        (tokens, positions, samples, flops, seconds, steps, wall), every = self._whole_run(trainer, pl_module, counters)
         world = max(trainer.world_size, 1)
         if seconds > 0:
             result.update(

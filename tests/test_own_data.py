@@ -346,3 +346,32 @@ def test_two_processes_score_the_one_process_perplexity_on_held_out_answers(qa, 
         assert ran.returncode == 0, ran.stderr[-3000:]
         (ppl[name],) = [value for _, value in scalars(tmp_path / name / "runs")["val/ppl"]]
     assert ppl["two"] == pytest.approx(ppl["one"], rel=1e-6)
+
+
+# ---- Hugging Face datasets on disk ---------------------------------------------------------------------------
+
+
+def test_a_saved_dataset_and_parquet_files_are_read_with_the_configs_column_mapping(qa, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    import yaml
+
+    rows = [row for row in map(json.loads, qa["train"].read_text().splitlines()) if "prompt" in row]
+    table = {"question": [r["prompt"] for r in rows], "answer": [r["response"] for r in rows]}
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(table)}).save_to_disk(str(saved))
+    datasets.Dataset.from_dict(table).to_parquet(str(tmp_path / "qa.parquet"))
+    settings = yaml.safe_load((REPO_ROOT / "configs/data/hf-dataset.yaml").read_text())["data"]["init_args"]
+    assert settings["columns"] == {"prompt": "question", "response": "answer"}
+    counts = {}
+    for source in (saved, tmp_path / "qa.parquet"):
+        data = InstructionDataModule(**{**settings, "path": str(source)}, block_size=64)
+        data.setup("fit")
+        splits = data.load_source()
+        assert sorted(s.response for name in splits for s in splits[name]) == sorted(table["answer"])
+        counts[source.name] = {name: int((data.datasets[name].tensors["labels"] != -100).sum()) for name in splits}
+    assert counts["saved"] == counts["qa.parquet"]  # the same rows, whichever way they were stored
+    corpus = datasets.Dataset.from_dict({"body": [r["response"] * 3 for r in rows]})
+    corpus.to_parquet(str(tmp_path / "corpus.parquet"))
+    text = TextCorpusDataModule(path=str(tmp_path / "corpus.parquet"), columns={"text": "body"}, block_size=32)
+    text.setup("fit")
+    assert sum(len(docs) for docs in text.load_source().values()) == len(rows)

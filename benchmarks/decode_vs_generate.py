@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from lightning_modules.measurement import compare_decoders
-from smarter.cli import HEADLESS_TRAINER_ARGS, build_cli, quiet_known_warnings
+from smarter.lightning_cli import HEADLESS_TRAINER_ARGS, build_cli, quiet_known_warnings
 
 
 def main() -> None:

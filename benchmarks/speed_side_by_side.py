@@ -154,7 +154,7 @@ def smarter_run(
     and options; a kernel trace then writes its summary under ``trace_dir``.
     """
     from callbacks import KernelTraceCallback, ThroughputMemoryCallback
-    from smarter.cli import build_cli, quiet_known_warnings
+    from smarter.lightning_cli import build_cli, quiet_known_warnings
 
     quiet_known_warnings()
     scratch = tempfile.mkdtemp()  # the recipe's own logger and checkpoints, out of the way
@@ -198,7 +198,7 @@ def decode_run(config: str, source: str, new_tokens: int, extra: list[str]) -> d
     """Batch-1 greedy decode of the default prompts: transformers' generate, then the framework's decoder."""
     from lightning_modules.generation import GenerationSettings, StaticCacheDecoder, generate_timed, resolve_matvec
     from lightning_modules.measurement import timed_hf_generate
-    from smarter.cli import HEADLESS_TRAINER_ARGS, build_cli, quiet_known_warnings
+    from smarter.lightning_cli import HEADLESS_TRAINER_ARGS, build_cli, quiet_known_warnings
 
     quiet_known_warnings()
     cli = build_cli(["-c", str(REPO / config), *HEADLESS_TRAINER_ARGS, "--model.source", source, *extra], run=False)
@@ -250,7 +250,7 @@ def qlora_export_check(source: str, steps: int) -> dict:
 
     from lightning_modules import load_causal_lm
     from lightning_modules.export import export_trained_model
-    from smarter.cli import build_cli, quiet_known_warnings
+    from smarter.lightning_cli import build_cli, quiet_known_warnings
 
     quiet_known_warnings()
     scratch = Path(tempfile.mkdtemp())

@@ -20,7 +20,7 @@ import torch
 
 from callbacks import KernelTraceCallback, StageCallback
 from foundation import synchronize
-from smarter.cli import HEADLESS_TRAINER_ARGS, build_cli, quiet_known_warnings
+from smarter.lightning_cli import HEADLESS_TRAINER_ARGS, build_cli, quiet_known_warnings
 
 
 class StepTimer(StageCallback):

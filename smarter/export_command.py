@@ -25,7 +25,7 @@ def export_main(args: list[str]) -> None:
 
     from lightning_modules.export import export_trained_model
     from lightning_modules.mistral_module import load_trained
-    from smarter.cli import condense_parser_error, fail
+    from smarter.errors import condense_parser_error, fail
 
     class ExportParser(ArgumentParser):
         def error(self, message: str, ex: Exception | None = None):

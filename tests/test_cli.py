@@ -8,8 +8,10 @@ import yaml
 from conftest import REPO_ROOT
 from helpers import QUIET, TINY, error_lines, run_smarter, scalars
 from lightning_modules import MistralModule
-from smarter.cli import COMMANDS, build_cli, condense_parser_error, main
+from smarter.cli import COMMANDS, main
 from smarter.config_files import expand_config_arguments, run_name
+from smarter.errors import condense_parser_error
+from smarter.lightning_cli import build_cli
 
 CONFIGS = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
 VARIANTS = sorted((REPO_ROOT / "configs" / "variants").glob("*.yaml"))

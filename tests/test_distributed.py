@@ -190,7 +190,8 @@ def test_a_strategy_that_cannot_run_is_refused_before_weights_load(tmp_path, mon
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
     from foundation import ConfigError
-    from smarter.cli import check_strategy_fits_compile, check_strategy_fits_quantization, main
+    from smarter.cli import main
+    from smarter.lightning_cli import check_strategy_fits_compile, check_strategy_fits_quantization
 
     bf16 = FSDPPrecision("bf16-true")
 
@@ -257,7 +258,7 @@ def test_the_fsdp_and_ddp_configs_build_strategies_with_this_frameworks_settings
     """Through the CLI, as a user runs them: LightningCLI passes FSDPStrategy's every parameter, unset ones as
     None, which once dropped the wrap policy (the whole 7B became one FSDP unit: 13.9 GiB a GPU, not 6.3)."""
     from callbacks.strategies import MistralDDPStrategy, MistralFSDPStrategy, decoder_layers_and_trainable_leaves
-    from smarter.cli import build_cli
+    from smarter.lightning_cli import build_cli
 
     configs = REPO_ROOT / "configs" / "distributed"
     common = ["-c", TINY, *QUIET, "--trainer.logger=false", "--trainer.accelerator", "cpu", "--trainer.devices", "1"]

@@ -18,7 +18,7 @@ def compare_main(args: list[str]) -> None:
     """``smarter compare [--variants ...] [--overrides "..."] ...``"""
     from jsonargparse import ArgumentParser
 
-    from smarter.cli import condense_parser_error, fail
+    from smarter.errors import condense_parser_error, fail
 
     class CompareParser(ArgumentParser):
         def error(self, message: str, ex: Exception | None = None):

@@ -71,7 +71,7 @@ class StudyPaths:
 
 def parse_variant(cli_args: list[str]):
     """The variant's LightningCLI objects; a configuration error keeps the parser's one-line message."""
-    from smarter.cli import build_cli
+    from smarter.lightning_cli import build_cli
 
     captured = io.StringIO()
     try:
@@ -206,7 +206,7 @@ def measure_validation(result: VariantResult, cli, paths: StudyPaths) -> None:
 
 def probe(settings: StudySettings, entry: str) -> VariantResult:
     """Every measurement of one variant, in order; raises on the first failure."""
-    from smarter.cli import HEADLESS_TRAINER_ARGS, quiet_known_warnings
+    from smarter.lightning_cli import HEADLESS_TRAINER_ARGS, quiet_known_warnings
 
     quiet_known_warnings()
     paths = StudyPaths(Path(settings.output_dir))

@@ -11,8 +11,8 @@ and DDP is built on the compute stream (Lightning's side stream made every gradi
 ``MistralFSDPStrategy`` is Lightning's FSDP set up for a Mistral with LoRA, the base quantized or not:
 each decoder layer is its own FSDP unit, and so is each trainable adapter matrix, so that a layer's
 unit holds only frozen weights and FSDP allocates no gradient for them (in a shared unit it would,
-for the whole flat parameter; torch warns of it). On a 7B QLoRA over 2 H200s: 6.32 GiB per GPU
-against DDP's 8.47, at a third of the speed of one unit for the whole model (BENCHMARKS.md).
+for the whole flat parameter; torch warns of it). It trades speed for memory per GPU against DDP
+(BENCHMARKS.md has the figures).
 Original parameters are kept, and checkpoints are gathered whole on the first process (the module
 then keeps only the adapters). A 4-bit base needs ``model.quant_storage: bfloat16``: FSDP shards
 floating-point tensors, and bitsandbytes recovers each layer's quantization state after gathering.

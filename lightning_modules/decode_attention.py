@@ -1,8 +1,8 @@
 """One query token's attention over a static key/value cache, in Triton (the compiled decode step's attention).
 
-A 7B decode step spends about 0.35 ms of its 4.4-4.8 in attention on an H200 (cuDNN's kernel, 8.5 us per layer,
-and the copies that feed it), for 4 query heads x 8 key/value heads x a few hundred cached positions: work of
-about a microsecond. Here each program takes one key/value head's group of query heads (padded to 16 rows for
+A 7B decode step spends a small but measurable share of its time in attention (cuDNN's kernel per layer and the
+copies that feed it; BENCHMARKS.md), for 4 query heads x 8 key/value heads x a few hundred cached positions:
+work of about a microsecond. Here each program takes one key/value head's group of query heads (padded to 16 rows for
 the tensor cores) over a chunk of ``CHUNK`` cached positions with an online softmax; with more than one chunk,
 a second kernel combines the chunks' partial results. Positions where ``mask`` is False are left out (the static
 cache's unwritten tail, and anything after the query).

@@ -16,8 +16,8 @@
   call each time), and on an H200 the host falls behind the GPU; a graph is one launch.
 - ``lora.compute``: the dtype LoRA adapters multiply in. peft keeps adapter weights in float32 over a
   16-bit base and, outside autocast, copies every adapter's input to float32: seven float32 copies of
-  the hidden states per layer, each kept for backward (on an H200, multiplying in bf16 took the 7B
-  ``qlora-fast`` peak from 40.7 to 31.0 GiB at 4 x 1024 tokens). ``base-dtype`` multiplies in the
+  the hidden states per layer, each kept for backward (multiplying in bf16 lowers ``qlora-fast``'s peak
+  memory by about a quarter: BENCHMARKS.md). ``base-dtype`` multiplies in the
   base's dtype under autocast, the weights, their gradients and the optimizer state staying float32
   (mixed precision, as the plain Trainer way with ``bf16=True``); ``auto`` does so on a GPU.
 """
@@ -60,7 +60,7 @@ def resolve_kernels(kernels: str, device: torch.device, compile_mode: str = "off
 def kernels_for_decoding(kernels: str, decoder: str) -> str:
     """The kernels setting for a model built to decode with ``decoder`` (already resolved): ``auto`` leaves
     Liger out of a compiled decode step, where its Triton RMSNorm does not trace and splits the CUDA graph
-    at every norm (65 graphs a token: 31-35 tok/s on an H200, against 186 without Liger)."""
+    at every norm (65 graphs a token, several times slower than without Liger: BENCHMARKS.md)."""
     return "off" if kernels == "auto" and decoder == "static-compiled" else kernels
 
 

@@ -10,9 +10,8 @@ synchronized around the timed regions. Prefill keeps only the last position's lo
   so this is where its speed is.
 
 ``auto`` is ``dynamic``: the compiled step costs 30-45 s of compilation before the first token, which
-pays off only over many tokens. Asked for by name, it decoded the 7B shape at 219 tokens/s per prompt on
-an H200 (bf16; nf4 261), prompt read included, against 9-42 for transformers' ``generate``
-(BENCHMARKS.md).
+pays off only over many tokens. Asked for by name, it decodes several times faster than transformers'
+``generate`` (BENCHMARKS.md has the figures).
 """
 
 from __future__ import annotations
@@ -163,8 +162,8 @@ class StaticCacheDecoder:
     ``PREFILL_BUCKET`` (see ``prefill``), without cuDNN's attention, which plans anew for each length.
     Inside ``step`` the one query attends with its key/value head's other queries
     (``grouped_sdpa_attention``) instead of over a copy of the cache per query head; with
-    ``triton_matvec`` that attention runs in this framework's kernel (lightning_modules/decode_attention.py:
-    on an H200, 7B, bf16 212.7 to 219.1 tokens/s per prompt, nf4 193.2 to 198.9, against cuDNN's).
+    ``triton_matvec`` that attention runs in this framework's kernel (lightning_modules/decode_attention.py;
+    measured against cuDNN's in BENCHMARKS.md).
 
     Args:
         model: A Hugging Face causal LM (peft-wrapped or not), in eval mode.
@@ -173,9 +172,8 @@ class StaticCacheDecoder:
         triton_matvec: The step's matrix-vector products with float weights, and its attention, run in
             this framework's Triton kernels.
         four_bit_matvec: With ``triton_matvec``, bitsandbytes' 4-bit layers (blocks of 64) too, in the kernel
-            that decodes nibbles in registers (7B nf4 on an H200: 261 tokens/s per prompt against 198 with
-            bitsandbytes' kernel; a layer's seven products in 94 us against 126). False keeps bitsandbytes'
-            kernel for them.
+            that decodes nibbles in registers (faster than bitsandbytes' kernel: BENCHMARKS.md). False keeps
+            bitsandbytes' kernel for them.
     """
 
     PREFILL_BUCKET = 32  # prompts are padded to a multiple of this many positions for the prefill graphs
@@ -183,7 +181,7 @@ class StaticCacheDecoder:
     # cuDNN's attention plans anew for each prompt length (tens of milliseconds the first time)
     PREFILL_ATTENTION: tuple[str, ...] | None = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
     # the step's attention where this framework's kernel does not take it (without triton_matvec): torch's
-    # choice (cuDNN on an H200: 212.7 tokens/s bf16 against 211.3 with memory-efficient attention)
+    # choice (cuDNN on Hopper; memory-efficient attention measured within 1 % of it, BENCHMARKS.md)
     step_attention: tuple[str, ...] | None = None
 
     def __init__(
@@ -233,7 +231,7 @@ class StaticCacheDecoder:
         by the replay of a CUDA graph captured for that length (the first time it comes: warm-up on the real
         prompts captures it). The padding's cache entries lie after the prompt, where each decode step
         writes its own before any query can see it, so they change nothing. Eagerly, a 7B forward costs
-        the host 22 ms (bf16) to 43 ms (nf4) of launches, which the GPU then waits for. Up to
+        the host tens of milliseconds of launches, which the GPU then waits for. Up to
         ``PREFILL_GRAPHS`` lengths get a graph (sharing one memory pool); other lengths, and every prompt
         if a capture fails, are read eagerly.
         """
@@ -413,7 +411,7 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     """One query token against a cache of grouped key/value heads (Mistral: 32 query heads, 8 key/value):
     the query heads that share a key/value head are read as that head's queries, so attention reads the
     cache as it is. transformers' SDPA path copies every key/value head once per query head in a compiled
-    step (``repeat_kv``): for a 7B decode step, 64 copies of the cache and 0.1-0.16 ms of 5 (H200).
+    step (``repeat_kv``): for a 7B decode step, 64 copies of the cache, a few percent of the step.
 
     Anything else (more query tokens, a mask per head, dropout, other options) goes to transformers' own
     function. Shapes: ``query`` ``(batch, heads, 1, dim)``, ``key``/``value`` ``(batch, kv_heads, cache, dim)``;

@@ -2,8 +2,8 @@
 
 A decode step multiplies one vector by every weight of the model, so its speed is how fast the weights
 are read. For one row, the compiled step otherwise calls cuBLAS through inductor; the kernel here reads
-each weight row once, multiplies in float32 and sums (on an H200 a 7B layer's seven products take
-113.8 us against cuBLAS's 134.8, BENCHMARKS.md).
+each weight row once, multiplies in float32 and sums (faster than cuBLAS on a 7B layer's products:
+BENCHMARKS.md).
 
 ``use_triton_matvec(model)`` prepares every plain ``nn.Linear`` of a model (the LoRA matrices included)
 to take it for inputs of one row, inside ``triton_matvec_routing()`` only (the static decoder's step):
@@ -13,11 +13,10 @@ more rows (prefill, training) and every call outside go through torch as before.
 
 With ``four_bit=True`` bitsandbytes' 4-bit layers (NF4 or FP4, blocks of 64) take ``four_bit_matvec``,
 whose inline assembly decodes each 32-bit word of eight codes in registers and sums with packed 16-bit
-fused multiply-adds: a 7B layer's seven products in 94 us on an H200 against 126 for bitsandbytes'
-``gemv_4bit`` (nf4 decode 261 tokens/s against 198). The assembly is NVIDIA's (PTX, bf16x2 arithmetic
-from compute capability 8.0); elsewhere (older or non-NVIDIA GPUs) the 4-bit layers keep bitsandbytes'
-kernel. Three earlier designs, a code look-up per nibble (0.37 and 0.59 TB/s) and register decoding
-without the packed sums (0.85), were slower than bitsandbytes and are not shipped.
+fused multiply-adds, faster than bitsandbytes' ``gemv_4bit`` (BENCHMARKS.md has the figures). The assembly is
+NVIDIA's (PTX, bf16x2 arithmetic from compute capability 8.0); elsewhere (older or non-NVIDIA GPUs) the 4-bit
+layers keep bitsandbytes' kernel. Three earlier designs, a code look-up per nibble and register decoding without
+the packed sums, were slower than bitsandbytes and are not shipped (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -32,8 +31,7 @@ import torch
 
 # launch shape: output rows per program, weight bytes per row per loop step, warps. Of 60 tried on each of the
 # 7B's four weight shapes (H200, 8 layers' distinct weights replayed in a CUDA graph), this one was the
-# fastest or within 0.3 us of it on every shape: a layer's seven products in 113.8 us (3.83 TB/s), where
-# cuBLAS took 134.8 us and the earlier shape (4 rows, 1024 bytes, 8 warps) 127.8 us.
+# fastest, or as fast as the fastest, on every shape (the sweep is in BENCHMARKS.md).
 LAUNCH = {"rows": 2, "bytes": 4096, "warps": 2}
 _ROUTING = {"on": False}  # routed layers take the kernels only inside ``triton_matvec_routing()``
 
@@ -91,8 +89,7 @@ def _(x, weight):
 
 # ---- 4-bit weights (bitsandbytes' NF4 / FP4 layout, blocks of 64) --------------------------------------------
 # launch shape of the 4-bit kernel: output rows per program, quantization blocks (64 weights) per loop step, warps;
-# the best of 40 launches on an H200 (7B shapes, nf4, double quant): 94 us for a layer's seven products against
-# bitsandbytes' 126 (1.23 against 0.92 TB/s); 4 x 32 x 4 was as fast (94.5), 4 x 16 x 2 took 106
+# the best of 40 launches tried on an H200 (7B shapes, nf4, double quant; the sweep is in BENCHMARKS.md)
 FOUR_BIT_LAUNCH = {"rows": 8, "blocks": 32, "warps": 8}
 _CODES: dict[int, tuple[float, ...]] = {}  # code table id -> the 16 code values its assembly decodes to
 

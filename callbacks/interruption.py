@@ -166,6 +166,8 @@ class StopOnSignal(StageCallback):
             path = trainer.strategy.broadcast(path)  # the first process's choice (it writes the file)
             trainer.save_checkpoint(path)
             # what Lightning does right after these hooks, so this last step's metrics reach the loggers
+            # (private: Lightning has no public call to flush a step's logged metrics from a callback;
+            # tests/test_private_apis.py fails if these methods change)
             trainer._logger_connector.on_batch_end()
             trainer._logger_connector.update_train_step_metrics()
             raise RunInterrupted(

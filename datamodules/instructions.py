@@ -122,13 +122,15 @@ class RaggedRowsDataset(Dataset):
 
 
 class BatchPadder:
-    """Pads a batch of ragged rows to its longest row (``pad_id`` inputs, masked labels, on the right)."""
+    """Pads a batch of ragged rows to its longest row, or to ``pad_to`` (``pad_id`` inputs, masked labels, on the
+    right)."""
 
-    def __init__(self, pad_id: int) -> None:
+    def __init__(self, pad_id: int, pad_to: int | None = None) -> None:
         self.pad_id = pad_id
+        self.pad_to = pad_to
 
     def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        longest = max(item["input_ids"].numel() for item in items)
+        longest = self.pad_to or max(item["input_ids"].numel() for item in items)
         inputs = torch.full((len(items), longest), self.pad_id, dtype=torch.long)
         labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
         for row, item in enumerate(items):
@@ -419,7 +421,9 @@ class InstructionDataModule(TokenDataModule):
         return super().make_dataset(split, tensors)
 
     def train_collate(self):
-        return None if self.packing else BatchPadder(self.tokenizer.eos_id)
+        if self.packing:
+            return None
+        return BatchPadder(self.tokenizer.eos_id, self.block_size if self.fixed_batch_shape else None)
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict" or self.datasets:

@@ -47,10 +47,18 @@ class EpochShuffleSampler(DistributedSampler):
         shuffle: Shuffle (True) or keep the dataset's order.
         num_replicas: Processes sharing the data; unset reads the process group.
         rank: This process's rank; unset reads the process group.
+        batch_size: Each process's share is padded to a multiple of this (1: only to even out the shares), so
+            that with the training batch size every batch is full and has the same shape.
     """
 
     def __init__(
-        self, num_samples: int, seed: int = 0, shuffle: bool = True, num_replicas: int | None = None, rank=None
+        self,
+        num_samples: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_replicas: int | None = None,
+        rank=None,
+        batch_size: int = 1,
     ) -> None:
         world, this_rank = _process_group()
         self.num_replicas = world if num_replicas is None else num_replicas
@@ -60,7 +68,8 @@ class EpochShuffleSampler(DistributedSampler):
         self.shuffle = shuffle
         self.epoch = 0
         self.drop_last = False
-        self.num_samples = -(-num_samples // self.num_replicas)  # per process, padding included
+        per_process = -(-num_samples // self.num_replicas)
+        self.num_samples = -(-per_process // batch_size) * batch_size  # per process, padding included
         self.total_size = self.num_samples * self.num_replicas
         self.skip = 0  # indices of the current epoch already consumed before a resume
 
@@ -70,7 +79,7 @@ class EpochShuffleSampler(DistributedSampler):
         return self.dataset_len
 
     def epoch_order(self) -> list[int]:
-        """All indices of the current epoch, in order, padded to a multiple of the process count."""
+        """All indices of the current epoch, in order, padded to fill every process's share."""
         if self.shuffle:
             generator = torch.Generator()
             generator.manual_seed(self.seed * 1_000_003 + self.epoch)

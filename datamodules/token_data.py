@@ -237,6 +237,17 @@ class TokenDataModule(L.LightningDataModule):
         )
 
     # ---- loaders -------------------------------------------------------------------------
+    @property
+    def fixed_batch_shape(self) -> bool:
+        """Whether the model needs every training batch of one shape (compiled layers)."""
+        return bool(self.model_requirements and self.model_requirements.fixed_batch_shape)
+
+    @property
+    def train_batch_multiple(self) -> int:
+        """Training shares are padded to a multiple of this many rows: the batch size where the model needs
+        fixed shapes (the last batch then full, its extra rows masked), else 1."""
+        return self.batch_size if self.fixed_batch_shape else 1
+
     def _eval_loader(self, split: str) -> DataLoader:
         dataset = self.datasets[split]
         sampler = unrepeated_sampler(dataset)  # shared out without padding: no window is scored twice
@@ -251,7 +262,7 @@ class TokenDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Training rows in a fresh order each epoch (from ``seed``), sharded across processes, resumable."""
         dataset = self.datasets["train"]
-        sampler = EpochShuffleSampler(len(dataset), seed=self.seed)
+        sampler = EpochShuffleSampler(len(dataset), seed=self.seed, batch_size=self.train_batch_multiple)
         return ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -276,6 +276,7 @@ class StaticCacheDecoder:
         counts = [layer.cumulative_length for layer in getattr(self.cache, "layers", ())]
         counts = [count for count in counts if isinstance(count, torch.Tensor)]
         if counts:
+            # private: torch has no public in-place copy of many tensors in one launch (CUDA-graph step)
             torch._foreach_copy_(counts, [(last[0] + 1).to(counts[0].dtype)] * len(counts))
         return out.logits[:, -1]
 

@@ -157,6 +157,7 @@ class MistralModule(L.LightningModule):
             tokenizer=self.tokenizer_source,
             max_positions=self.max_positions,
             vocab_size=int(self.model_config.vocab_size),
+            fixed_batch_shape=self.spec.compile != "off",
         )
 
     def setup(self, stage: str) -> None:
@@ -281,7 +282,8 @@ class MistralModule(L.LightningModule):
         norm = None
         if grads or sharded:
             # under FSDP a process may hold no shard of any gradient; it still takes part in the sum
-            if grads:  # one launch for every tensor's norm
+            if grads:  # one launch for every tensor's norm, in fp32 whatever the gradients' dtype (private: the
+                # public torch.nn.utils.get_total_norm takes no dtype; tests/test_private_apis.py checks this one)
                 squares = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
             else:
                 squares = torch.zeros((), device=self.device)
@@ -520,6 +522,8 @@ class MistralModule(L.LightningModule):
                     optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs, strict=True
                 ):
                     group["lr"] = base * multiplier(scheduler.last_epoch)
+                # private: LRScheduler has no public setter for what get_last_lr() returns after the rates are
+                # set by hand (tests/test_private_apis.py fails if that changes)
                 scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -153,11 +153,14 @@ class InputRequirements:
         tokenizer: The tokenizer matching the weights (a name, hub id or folder).
         max_positions: Longest sequence the model takes.
         vocab_size: Rows of the embedding: every token id must be below it.
+        fixed_batch_shape: Every training batch must have the same shape (compiled layers: a new shape
+            compiles and captures again, seconds of a step), so a last short batch is filled with padding rows.
     """
 
     tokenizer: str
     max_positions: int
     vocab_size: int
+    fixed_batch_shape: bool = False
 
 
 @dataclass

@@ -375,3 +375,30 @@ def test_a_saved_dataset_and_parquet_files_are_read_with_the_configs_column_mapp
     text = TextCorpusDataModule(path=str(tmp_path / "corpus.parquet"), columns={"text": "body"}, block_size=32)
     text.setup("fit")
     assert sum(len(docs) for docs in text.load_source().values()) == len(rows)
+
+
+# ---- compiled layers: every training batch of one shape ------------------------------------------------------
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded-per-batch"])
+def test_compiled_layers_get_full_training_batches_of_one_shape_with_nothing_scored_twice(qa, packing):
+    from lightning_modules import InputRequirements
+
+    requirements = MistralModule(source="tiny", compile="layers").input_requirements
+    assert requirements.fixed_batch_shape and not MistralModule(source="tiny").input_requirements.fixed_batch_shape
+    settings = {"path": str(qa["train"]), "block_size": 96, "batch_size": 5, "packing": packing}
+    fixed = InstructionDataModule(**settings, model_requirements=requirements)
+    plain = InstructionDataModule(
+        **settings, model_requirements=InputRequirements(requirements.tokenizer, 2048, requirements.vocab_size)
+    )
+    scored = {}
+    for name, data in (("fixed", fixed), ("plain", plain)):
+        data.setup("fit")
+        batches = list(data.train_dataloader())
+        labels = [t for b in batches for t in b["labels"][b["labels"] != IGNORE_INDEX].tolist()]
+        scored[name] = sorted(labels)
+        if name == "fixed":
+            assert {tuple(b["input_ids"].shape) for b in batches} == {(5, 96)}
+        else:
+            assert len(data.datasets["train"]) % 5 == 0 or batches[-1]["input_ids"].shape[0] < 5
+    assert scored["fixed"] == scored["plain"]  # the filling rows score nothing

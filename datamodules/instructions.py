@@ -256,6 +256,7 @@ class InstructionDataModule(TokenDataModule):
         self.overlong = overlong
         self.predict_samples = predict_samples
         self.splits: dict[str, list[Conversation]] | None = None
+        self.rendered: dict[Conversation, RenderedSample] = {}  # every sample, rendered once by load_source
         self.counts: dict[str, Counter] = {}
 
     # ---- reading and splitting -------------------------------------------------------------------
@@ -274,7 +275,8 @@ class InstructionDataModule(TokenDataModule):
             if path
         }
         for sample in [*samples, *(s for held_out in given.values() for s in held_out)]:
-            self.render(sample)  # an answer empty after templating is refused before the run, by file and line
+            # an answer empty after templating is refused here, before the run, by file and line
+            self.rendered[sample] = self.render(sample)
         order = list(range(len(samples)))
         random.Random(self.split_seed).shuffle(order)
         samples = [samples[i] for i in order]
@@ -396,7 +398,7 @@ class InstructionDataModule(TokenDataModule):
         self.counts = {}
         tensors: dict[str, dict] = {}
         for name in SPLITS:
-            segments = [self.sample_segment(self.render(sample), name) for sample in splits[name]]
+            segments = [self.sample_segment(self.rendered[sample], name) for sample in splits[name]]
             segments = [segment for segment in segments if segment is not None]
             if not segments:
                 raise ConfigError(
@@ -474,7 +476,7 @@ class InstructionDataModule(TokenDataModule):
             return super().prompt_items()
         items = []
         for index, sample in enumerate(self.load_source()["val"][: self.predict_samples]):
-            rendered = self.render(sample)
+            rendered = self.rendered[sample]
             items.append(
                 {
                     "index": index,

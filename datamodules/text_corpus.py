@@ -210,8 +210,8 @@ class TextCorpusDataModule(TokenDataModule):
         order = list(range(len(rest)))
         random.Random(self.split_seed).shuffle(order)
         rest = [rest[i] for i in order]
-        n_val = 0 if named["val"] else held_out_counts(len(rest), self.val_fraction, self.test_fraction)[0]
-        n_test = 0 if named["test"] else held_out_counts(len(rest), self.val_fraction, self.test_fraction)[1]
+        n_val, n_test = held_out_counts(len(rest), self.val_fraction, self.test_fraction)
+        n_val, n_test = (0 if named["val"] else n_val), (0 if named["test"] else n_test)
         if len(rest) - n_val - n_test >= 1:
             splits = {
                 "val": named["val"] or rest[:n_val],

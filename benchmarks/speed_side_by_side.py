@@ -19,7 +19,12 @@ Workloads:
 - ``fit:<config>``: ``smarter fit`` with that config (e.g. ``fit:configs/finetune/qlora-fast.yaml``);
 - ``validate:<config>``: ``smarter validate`` (every token scored: stride = block);
 - ``decode:<config>``: batch-1 greedy decode of 4 prompts, 128 new tokens each, with transformers'
-  ``generate`` and with the framework's decoder (every prompt timed, the first included).
+  ``generate`` and with the framework's decoder (every prompt timed, the first included);
+- ``unsloth`` / ``unsloth:checkpointing``: the peer, unsloth's ``FastLanguageModel`` (nf4 on load, the same
+  LoRA r16 on all seven projections, dropout 0, AdamW), without checkpointing or with its offloaded
+  checkpointing (``use_gradient_checkpointing="unsloth"``), on the same weights and the same tokens. It runs
+  in its own process with ``$UNSLOTH_SITE`` (a folder the unsloth kit is installed in) first on its path,
+  apart from this project's packages; without the package the row says it was skipped.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -77,9 +83,10 @@ def _training_blocks(source: str, steps: int) -> list[dict[str, torch.Tensor]]:
     data.prepare_data()
     data.setup("fit")
     rows = data.datasets["train"].tensors
+    count = rows["input_ids"].shape[0]
     batches = []
-    for index in range(steps):
-        pick = slice(index * BATCH, (index + 1) * BATCH)
+    for index in range(steps):  # the split's rows in order, from its start again when they run out (long blocks)
+        pick = torch.arange(index * BATCH, (index + 1) * BATCH) % count
         batches.append({"input_ids": rows["input_ids"][pick], "labels": rows["labels"][pick]})
     return batches
 
@@ -145,6 +152,92 @@ def plain_lora(source: str, quantized: bool, steps: int, warmup: int, dropout: f
     }
 
 
+UNSLOTH_SITE_ENV = "UNSLOTH_SITE"
+
+
+def unsloth_inputs(source: str, out: Path, steps: int) -> tuple[Path, Path]:
+    """A folder with the preset's weights and an HF tokenizer (unsloth loads both from it), and the training
+    batches as a file: unsloth's process has none of this project's packages to make them."""
+    from lightning_modules.tokenizers import load_tokenizer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    weights = Path(_preset_folder(source, device))
+    folder = out / f"unsloth-model-{source}"
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        for file in weights.iterdir():
+            (folder / file.name).symlink_to(file.resolve())
+        load_tokenizer().save(folder)
+    blocks = out / blocks_file_name(source, steps)
+    if not blocks.is_file():
+        torch.save(_training_blocks(source, steps), blocks)
+    return folder, blocks
+
+
+def blocks_file_name(source: str, steps: int) -> str:
+    return f"training-blocks-{source}-{steps}x{BATCH}x{BLOCK}.pt"
+
+
+def unsloth_lora(folder: str, blocks_file: str, steps: int, warmup: int, checkpointing: bool) -> dict:
+    """unsloth's way: ``FastLanguageModel`` in 4-bit with its LoRA and its fused loss (labels given to the model),
+    the same AdamW; bf16 autocast as its trainer runs with ``bf16=True``."""
+    try:
+        import unsloth  # noqa: F401  (first: it patches transformers and peft)
+        from unsloth import FastLanguageModel
+    except ImportError as error:
+        return {"skipped": f"unsloth is not importable here ({error}); set ${UNSLOTH_SITE_ENV} to its kit's folder"}
+    device = torch.device("cuda")
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=folder,
+        max_seq_length=max(BLOCK, 2048),
+        dtype=torch.bfloat16,
+        load_in_4bit=True,
+        local_files_only=True,
+    )
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        target_modules=targets,
+        bias="none",
+        use_gradient_checkpointing="unsloth" if checkpointing else False,
+        random_state=0,
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    batches = torch.load(blocks_file)[: warmup + steps]
+    torch.cuda.reset_peak_memory_stats(device)
+    timed_tokens, timed_s = 0, 0.0
+    model.train()
+    for index, batch in enumerate(batches):
+        ids = batch["input_ids"].to(device)
+        # the model shifts labels itself: position t + 1 of its labels is this block's target at t (the
+        # block's last target, one of 1024, has no position to go to and is left out of the count)
+        shifted = batch["labels"].to(device)
+        labels = torch.cat([torch.full_like(shifted[:, :1], IGNORE_INDEX), shifted[:, :-1]], dim=1)
+        synchronize(device)
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        if index >= warmup:
+            timed_s += time.perf_counter() - start
+            timed_tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
+    import importlib.metadata as metadata
+
+    return {
+        "tokens_per_s": timed_tokens / timed_s,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
+        "timed_steps": steps,
+        "final_loss": float(loss),
+        "unsloth": metadata.version("unsloth"),
+    }
+
+
 def smarter_run(
     kind: str, config: str, source: str, steps: int, warmup: int, extra: list[str], trace_dir: Path | None = None
 ) -> dict:
@@ -161,6 +254,8 @@ def smarter_run(
     args = ["-c", str(REPO / config), "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
     args += ["--trainer.default_root_dir", scratch, "--trainer.logger.init_args.save_dir", scratch]
     args += ["--model.source", source, "--data.eval_stride", str(BLOCK if source != "tiny" else 64)]
+    if source != "tiny":  # the shapes every workload of this run trains on
+        args += ["--data.block_size", str(BLOCK), "--data.batch_size", str(BATCH)]
     if kind == "validate":  # chapters 13-32 held out: enough batches to time
         args += ["--data.val_chapters", "[" + ",".join(str(n) for n in range(13, 33)) + "]"]
     if source == "tiny":  # a CPU smoke run
@@ -196,7 +291,8 @@ def smarter_run(
 
 def decode_run(config: str, source: str, new_tokens: int, extra: list[str]) -> dict:
     """Batch-1 greedy decode of the default prompts: transformers' generate, then the framework's decoder."""
-    from lightning_modules.generation import GenerationSettings, StaticCacheDecoder, generate_timed, resolve_matvec
+    from lightning_modules.execution_plan import Platform, resolve_decoding
+    from lightning_modules.generation import GenerationSettings, StaticCacheDecoder, generate_timed
     from lightning_modules.measurement import timed_hf_generate
     from smarter.lightning_cli import HEADLESS_TRAINER_ARGS, build_cli, quiet_known_warnings
 
@@ -213,15 +309,16 @@ def decode_run(config: str, source: str, new_tokens: int, extra: list[str]) -> d
 
     hf_rates, hf_tokens = zip(*[hf(p) for p in prompts], strict=True)
     settings = GenerationSettings(max_new_tokens=new_tokens)
-    decoder_kind = "static-compiled" if device.type == "cuda" else "static"
+    decoder_kind, matvec = resolve_decoding(
+        "static-compiled" if device.type == "cuda" else "static", cli.model.generation.matvec, Platform.detect(device)
+    )
     longest = max(p.shape[1] for p in prompts) + new_tokens
     synchronize(device)
     start = time.perf_counter()
-    matvec = resolve_matvec(cli.model.generation.matvec, decoder_kind, device)
     decoder = StaticCacheDecoder(
         model,
         max_cache_len=-(-longest // 128) * 128,
-        compiled=decoder_kind != "dynamic",
+        compiled=decoder_kind == "static-compiled",
         triton_matvec=matvec == "triton",
     )
     for _ in range(2):  # warm-up on the real shapes: the longest prompt (compiles the step)
@@ -306,6 +403,12 @@ def qlora_export_check(source: str, steps: int) -> dict:
 
 
 def run_workload(name: str, args: argparse.Namespace) -> dict:
+    if name.startswith("unsloth"):
+        folder, blocks = (
+            Path(args.out) / f"unsloth-model-{args.source}",
+            Path(args.out) / blocks_file_name(args.source, args.warmup + args.steps),
+        )
+        return unsloth_lora(str(folder), str(blocks), args.steps, args.warmup, name == "unsloth:checkpointing")
     if name == "qlora-export":
         return qlora_export_check(args.source, args.steps)
     if name.startswith(("plain-qlora", "plain-lora-bf16")):  # plain-qlora, or plain-qlora:dropout=0
@@ -369,6 +472,23 @@ def scaling_note(result: dict, one_gpu: dict) -> str:
     return note
 
 
+def run_info() -> dict:
+    """When, at which commit and with which command this run ran (``$SMARTER_COMMIT`` names the commit where the
+    copy of the repository has no git history of its own)."""
+    import datetime
+    import shlex
+
+    commit = os.environ.get("SMARTER_COMMIT")
+    if not commit:
+        found = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        commit = found.stdout.strip() if found.returncode == 0 else "unknown"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "command": shlex.join(["python", "benchmarks/speed_side_by_side.py", *sys.argv[1:]]),
+    }
+
+
 def versions() -> dict:
     import importlib.metadata as metadata
 
@@ -398,6 +518,9 @@ def summary_table(results: dict[str, dict]) -> str:
         if "error" in result:
             rows.append(f"| {name} | failed: {result['error'][:80]} | | | | |")
             continue
+        if "skipped" in result:
+            rows.append(f"| {name} | skipped: {result['skipped'][:80]} | | | | |")
+            continue
         if name.startswith("decode:"):
             ours, hf = result["generate_tokens_per_s"], result["hf_generate_tokens_per_s"]
             ceiling = H200_COPY_TBPS * 1e12 / (result["weights_gib"] * GIB)
@@ -423,6 +546,7 @@ def summary_table(results: dict[str, dict]) -> str:
         no_dropout = baselines.get("qlora-no-dropout", {}).get("tokens_per_s")
         if base and family == "qlora" and no_dropout:
             versus += f" (x{rate / no_dropout:.2f} of plain without dropout)"
+        versus += peer_note(name, result, results)
         wall = result.get("wall_tokens_per_s")
         one_gpu = results.get(one_gpu_workload(name), {})
         if one_gpu is not result and "tokens_per_s" in one_gpu:  # several GPUs: the scaling over one
@@ -432,6 +556,22 @@ def summary_table(results: dict[str, dict]) -> str:
             f"{versus} | {rate / ceiling:.0%} |"
         )
     return "\n".join(rows)
+
+
+def peer_note(name: str, result: dict, results: dict[str, dict]) -> str:
+    """A QLoRA fit against unsloth measured in the same run: speed and peak memory ratios, the lean recipe
+    against unsloth's offloaded checkpointing, the others against unsloth without checkpointing."""
+    if not (name.startswith("fit:") and "qlora" in name) or "tokens_per_s" not in result:
+        return ""
+    peer_name = "unsloth:checkpointing" if "lean" in name else "unsloth"
+    peer = results.get(peer_name, {})
+    if "tokens_per_s" not in peer:
+        return ""
+    memory = result.get("peak_allocated_gib"), peer.get("peak_allocated_gib")
+    note = f"; x{result['tokens_per_s'] / peer['tokens_per_s']:.2f} {peer_name}"
+    if all(memory):
+        note += f" at x{memory[0] / memory[1]:.2f} its memory"
+    return note
 
 
 def run_round(args: argparse.Namespace, out: Path, started: float, results: dict[str, dict]) -> None:
@@ -444,6 +584,19 @@ def run_round(args: argparse.Namespace, out: Path, started: float, results: dict
             continue
         child = [sys.executable, __file__, "--workload", name, "--out", str(out), "--source", args.source]
         child += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--new-tokens", str(args.new_tokens)]
+        child += ["--block", str(args.block), "--batch", str(args.batch)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if name.startswith("unsloth"):  # the peer's own packages first, apart from this project's
+            if not os.environ.get(UNSLOTH_SITE_ENV) and importlib.util.find_spec("unsloth") is None:
+                results[name] = {"skipped": f"unsloth not installed (set ${UNSLOTH_SITE_ENV} to its kit's folder)"}
+                continue
+            unsloth_inputs(args.source, out, args.warmup + args.steps)
+            site = os.environ.get(UNSLOTH_SITE_ENV)
+            if site:
+                env["PYTHONPATH"] = os.pathsep.join([site, str(REPO)])
+            env.setdefault("UNSLOTH_COMPILE_LOCATION", str(out / "unsloth_compiled_cache"))
+            env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+            env.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
         began = time.monotonic()
         log = out / (_file_name(name)[: -len(".json")] + ".log")
         with log.open("w") as handle:  # the workload's own output, kept whatever happens to it
@@ -452,7 +605,7 @@ def run_round(args: argparse.Namespace, out: Path, started: float, results: dict
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env=env,
             )
             try:
                 worker.wait(timeout=args.workload_timeout_s)
@@ -472,6 +625,7 @@ def run_round(args: argparse.Namespace, out: Path, started: float, results: dict
 
 
 def main() -> None:
+    global BATCH, BLOCK
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for one JSON file per workload")
     parser.add_argument("--only", nargs="*", default=None, help="workloads to run (default: all)")
@@ -479,6 +633,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--block", type=int, default=BLOCK, help="tokens per training row, every workload")
+    parser.add_argument("--batch", type=int, default=BATCH, help="rows per training step, every workload")
     parser.add_argument("--workload", default=None, help=argparse.SUPPRESS)  # one workload, in a child
     parser.add_argument("--budget-s", type=float, default=560, help="stop starting workloads after this")
     parser.add_argument("--workload-timeout-s", type=float, default=300, help="stop a workload after this")
@@ -490,6 +646,7 @@ def main() -> None:
         "and, for several GPUs, every round's ratio to one GPU; one folder of JSON files per round",
     )
     args = parser.parse_args()
+    BATCH, BLOCK = args.batch, args.block
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     out = Path(args.out)
@@ -536,7 +693,7 @@ def write_summary(out: Path, rounds: list[dict[str, dict]], interrupted: bool) -
         results: dict[str, dict] = {}
     else:
         results = finished[0] if len(rounds) == 1 else aggregate_rounds(finished)
-    summary = {"versions": versions(), "results": results}
+    summary = {"versions": versions(), "run": run_info(), "results": results}
     summary |= {"rounds": rounds} if len(rounds) > 1 else {}
     summary |= {"interrupted": True} if interrupted else {}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

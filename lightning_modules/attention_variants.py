@@ -32,6 +32,7 @@ def register_pinned_sdpa(backend: str) -> str:
     """Register (once) an attention function that runs SDPA on ``backend``; return its name."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     name = f"sdpa_{backend}"
     kernel = _BACKENDS[backend]
@@ -41,6 +42,7 @@ def register_pinned_sdpa(backend: str) -> str:
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(name, pinned_sdpa_attention)
+    AttentionMaskInterface.register(name, sdpa_mask)  # the masks SDPA takes (a name without one gets no mask)
     return name
 
 

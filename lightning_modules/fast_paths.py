@@ -7,7 +7,9 @@
   recomputed in backward (``chunked``, anywhere); ``logits`` is the plain way. All give the exact sum
   that perplexity needs.
 - ``activation_checkpointing``: recompute decoder layers in backward, ``every-layer`` or ``selective``
-  (every ``checkpoint_every``-th layer: less memory than none, less recomputation than all).
+  (every ``checkpoint_every``-th layer: less memory than none, less recomputation than all); ``offload``
+  recomputes every layer too, and keeps each layer's input in pinned host memory instead of on the GPU,
+  copied out and back on a side stream (``OffloadedCheckpointCall``).
 - ``compile``: ``torch.compile`` each decoder layer (regional compilation: one compile serves all 32
   layers, and it composes with checkpointing and bitsandbytes 4-bit). ``layers-cudagraphs`` also
   replays each compiled layer, forward and backward, as a CUDA graph (inductor's ``reduce-overhead``) in
@@ -25,11 +27,10 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib.util
 from typing import Literal
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -37,49 +38,9 @@ from foundation import IGNORE_INDEX
 
 Kernels = Literal["auto", "liger", "off"]
 LossPath = Literal["auto", "fused", "chunked", "logits"]
-Checkpointing = Literal["off", "every-layer", "selective"]
+Checkpointing = Literal["off", "every-layer", "selective", "offload"]
 Compile = Literal["off", "layers", "layers-cudagraphs"]
 AdapterCompute = Literal["auto", "base-dtype", "float32"]
-
-
-@functools.cache
-def liger_available() -> bool:
-    """Liger's kernels can run here: the package is installed and a CUDA GPU is visible (asked once)."""
-    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
-
-
-def resolve_kernels(kernels: str, device: torch.device, compile_mode: str = "off") -> str:
-    """``liger`` or ``off`` for this device. ``auto`` takes Liger on a GPU where it is installed, but not
-    under compiled layers: inductor fuses RMSNorm, RoPE and SwiGLU itself, and Liger's RMSNorm kernel
-    does not compile inside inductor's graph (liger-kernel 0.8.5, torch 2.11)."""
-    if kernels == "auto":
-        return "liger" if device.type == "cuda" and liger_available() and compile_mode == "off" else "off"
-    return kernels
-
-
-def kernels_for_decoding(kernels: str, decoder: str) -> str:
-    """The kernels setting for a model built to decode with ``decoder`` (already resolved): ``auto`` leaves
-    Liger out of a compiled decode step, where its Triton RMSNorm does not trace and splits the CUDA graph
-    at every norm (65 graphs a token, several times slower than without Liger: BENCHMARKS.md)."""
-    return "off" if kernels == "auto" and decoder == "static-compiled" else kernels
-
-
-def resolve_loss(loss: str, device: torch.device) -> str:
-    """``fused``, ``chunked`` or ``logits`` for this device. ``auto``: on a GPU, fused with Liger, else
-    chunked; on a CPU, the plain logits (memory is not what limits a CPU run, and recomputing chunks
-    costs time)."""
-    if loss == "auto":
-        if device.type != "cuda":
-            return "logits"
-        return "fused" if liger_available() else "chunked"
-    return loss
-
-
-def resolve_adapter_compute(compute: str, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
-    """The 16-bit dtype adapters multiply in (under autocast), or None for float32 (peft's own way)."""
-    if dtype == torch.float32 or compute == "float32" or (compute == "auto" and device.type != "cuda"):
-        return None
-    return dtype
 
 
 def keep_adapter_inputs_uncast(model: torch.nn.Module) -> None:
@@ -124,8 +85,9 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 def apply_activation_checkpointing(model: torch.nn.Module, mode: str, every: int = 2, keep_last: int = 0) -> None:
     """Recompute decoder layers in backward: all of them, or every ``every``-th (``selective``); the last
-    ``keep_last`` layers keep their activations either way."""
-    if mode == "off":
+    ``keep_last`` layers keep their activations either way. ``offload`` is applied last, over the layers'
+    final forward (``offload_checkpointed_layers``)."""
+    if mode in ("off", "offload"):
         return
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -135,8 +97,9 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str, every: int
         layer.gradient_checkpointing = recomputed and index < len(layers) - keep_last
 
 
-def compile_layers(model: torch.nn.Module, cuda_graphs: bool = False) -> None:
-    """``torch.compile`` every decoder layer in place (the same code compiles once for all of them).
+def compile_layers(model: torch.nn.Module, cuda_graphs: bool = False, whole_under_ddp: bool = False) -> None:
+    """``torch.compile`` every decoder layer of this model (the same code compiles once for all of them): each
+    layer's ``forward`` becomes a ``CompiledLayerCall``, on that layer instance only.
 
     With ``cuda_graphs``, passes that build gradients (training) replay each layer as a CUDA graph, and
     passes without them (validation, the sanity check, ``validate`` and ``test``) run the same compiled
@@ -145,35 +108,164 @@ def compile_layers(model: torch.nn.Module, cuda_graphs: bool = False) -> None:
     reads the output it overwrites (transformers' Mistral fails with "accessing tensor output of
     CUDAGraphs that has been overwritten"). In training, autograd keeps each replay's outputs alive.
 
-    Under DDP each layer stays one graph, as on one GPU (see ``keep_layer_graphs_whole``).
+    With ``whole_under_ddp`` each layer stays one graph under DDP, as on one GPU (see ``CompiledLayerCall``).
     """
-    keep_layer_graphs_whole()
     for layer in decoder_layers(model):
-        if not cuda_graphs:
-            layer.compile(dynamic=False)
-            continue
-        forward = layer.forward
-        graphed = torch.compile(forward, dynamic=False, mode="reduce-overhead")
-        plain = torch.compile(forward, dynamic=False)
-        layer.forward = functools.partial(_graphed_with_gradients, graphed, plain)
+        layer.forward = CompiledLayerCall(layer.forward, cuda_graphs, whole_under_ddp)
 
 
-def keep_layer_graphs_whole() -> None:
-    """Turn off dynamo's DDP optimizer (process-wide). It is made for one graph of the whole model: any graph
+class CompiledLayerCall:
+    """A decoder layer's compiled forward: with graphs in passes that build gradients (``cuda_graphs``), the
+    compiled code without graphs otherwise.
+
+    With ``whole_under_ddp``, dynamo's DDP optimizer is off while the layer compiles and runs, and only then
+    (``torch._dynamo.config.patch``). That optimizer is made for one graph of the whole model: any graph
     compiled inside DDP's forward is cut where DDP's gradient buckets would end, and its first bucket holds
     1 MB, so a decoder layer with more trainable weight than that (a 7B layer's rank-16 LoRA: 5.2 MB in
-    fp32) would compile as two graphs under DDP: two CUDA graphs a layer, fusions lost at the cut, about 14
-    more kernels a layer a step than one GPU runs. With one graph per layer, DDP's reducer still starts each
-    layer's all-reduce when that layer's backward ends, overlapped with the backward of the layers still to
-    come, so the cut buys nothing (and, measured on 2 H200s, costs nothing measurable either).
+    fp32) would compile as two graphs under DDP: two CUDA graphs a layer, and fusions lost at the cut. With
+    one graph per layer, DDP's reducer still starts each layer's all-reduce when that layer's backward ends,
+    overlapped with the backward of the layers still to come, so the cut buys nothing.
     """
-    import torch._dynamo
 
-    torch._dynamo.config.optimize_ddp = False
+    def __init__(self, forward, cuda_graphs: bool, whole_under_ddp: bool) -> None:
+        self.plain = torch.compile(forward, dynamic=False)
+        self.graphed = torch.compile(forward, dynamic=False, mode="reduce-overhead") if cuda_graphs else self.plain
+        self.whole_under_ddp = whole_under_ddp
+
+    def __call__(self, *args, **kwargs):
+        compiled = self.graphed if torch.is_grad_enabled() else self.plain
+        if not self.whole_under_ddp:
+            return compiled(*args, **kwargs)
+        with torch._dynamo.config.patch(optimize_ddp=False):
+            return compiled(*args, **kwargs)
 
 
-def _graphed_with_gradients(graphed, plain, *args, **kwargs):
-    return graphed(*args, **kwargs) if torch.is_grad_enabled() else plain(*args, **kwargs)
+def offload_checkpointed_layers(model: torch.nn.Module, keep_last: int = 0) -> None:
+    """Each decoder layer but the last ``keep_last`` recomputes itself in backward from its input, which waits in
+    pinned host memory on a CUDA device (on a CPU it stays where it is). Applied after compilation: the
+    compiled layer is what runs, forward and recomputed."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.use_cache = False
+    layers = decoder_layers(model)
+    offload = HostOffload()
+    for index, layer in enumerate(layers):
+        if index < len(layers) - keep_last:
+            layer.forward = OffloadedCheckpointCall(layer.forward, layer, index, offload)
+
+
+class HostOffload:
+    """Pinned host buffers, one per layer, and the side stream that copies layer inputs out to them and back.
+
+    A layer's input is copied out on the side stream as soon as it exists (the compute stream goes on), and its
+    GPU memory is handed back to the allocator when that copy is done (``record_stream``). In backward, when
+    the layer after it starts recomputing, the input of the layer before is copied back on the side stream
+    (prefetched), so that the copy overlaps that recomputation and backward.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.copied_out: dict[int, torch.cuda.Event] = {}
+        self.prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
+        self.stream: torch.cuda.Stream | None = None
+        self.calls: dict[int, OffloadedCheckpointCall] = {}
+
+    def _side(self, device: torch.device) -> torch.cuda.Stream:
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device)
+        return self.stream
+
+    def out(self, index: int, tensor: torch.Tensor) -> None:
+        """Start copying ``tensor`` (a layer's input) to layer ``index``'s pinned buffer."""
+        buffer = self.buffers.get(index)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.buffers[index] = buffer
+        side = self._side(tensor.device)
+        side.wait_stream(torch.cuda.current_stream(tensor.device))  # the input is written; last step's reads done
+        with torch.cuda.stream(side):
+            buffer.copy_(tensor, non_blocking=True)
+            self.copied_out[index] = side.record_event()
+        tensor.record_stream(side)
+        self.prefetched.pop(index, None)
+
+    def back(self, index: int, device: torch.device) -> torch.Tensor:
+        """Layer ``index``'s input on ``device`` again, ready for the compute stream."""
+        fetched = self.prefetched.pop(index, None)
+        if fetched is None:
+            self.prefetch(index, device)
+            fetched = self.prefetched.pop(index)
+        tensor, ready = fetched
+        torch.cuda.current_stream(device).wait_event(ready)
+        tensor.record_stream(torch.cuda.current_stream(device))
+        return tensor
+
+    def prefetch(self, index: int, device: torch.device) -> None:
+        """Start copying layer ``index``'s input back (no-op when it is not out, or already coming)."""
+        if index not in self.copied_out or index in self.prefetched:
+            return
+        side = self._side(device)
+        with torch.cuda.stream(side):
+            side.wait_event(self.copied_out[index])
+            tensor = self.buffers[index].to(device, non_blocking=True)
+            self.prefetched[index] = (tensor, side.record_event())
+
+
+class OffloadedCheckpointCall:
+    """A decoder layer's forward that, in a pass building gradients, keeps nothing but its input: on a CUDA
+    device in pinned host memory (``HostOffload``), elsewhere as it is; backward recomputes the layer from it.
+    Passes without gradients run the layer as it is."""
+
+    def __init__(self, forward, layer: torch.nn.Module, index: int, offload: HostOffload) -> None:
+        self.forward = forward
+        self.layer = layer
+        self.index = index
+        self.offload = offload
+        # an input that needs a gradient, so that autograd records the call even where the hidden states need
+        # none (the first layer, over a frozen embedding): the layer's own trainable weights are not inputs
+        self.anchor = torch.zeros((), requires_grad=True)
+        offload.calls[index] = self
+
+    def __call__(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if not (torch.is_grad_enabled() and self.layer.training):
+            return self.forward(hidden_states, *args, **kwargs)
+        return _OffloadedCheckpoint.apply(self, hidden_states, self.anchor, args, kwargs)
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, call: OffloadedCheckpointCall, hidden: torch.Tensor, anchor, args, kwargs):
+        ctx.call, ctx.args, ctx.kwargs = call, args, kwargs
+        ctx.hidden_needs_grad = hidden.requires_grad
+        ctx.device = hidden.device
+        ctx.rng = torch.get_rng_state()
+        ctx.device_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        if hidden.is_cuda:
+            call.offload.out(call.index, hidden)
+            ctx.kept = None
+        else:
+            ctx.kept = hidden.detach()
+        with torch.no_grad():
+            return call.forward(hidden, *args, **kwargs)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        call = ctx.call
+        if ctx.kept is None:
+            hidden = call.offload.back(call.index, ctx.device)
+            call.offload.prefetch(call.index - 1, ctx.device)  # the next layer backward will want
+        else:
+            hidden = ctx.kept
+        hidden = hidden.detach().requires_grad_(ctx.hidden_needs_grad)
+        devices = [ctx.device] if ctx.device_rng is not None else []
+        with torch.random.fork_rng(devices=devices, device_type=ctx.device.type), torch.enable_grad():
+            torch.set_rng_state(ctx.rng)  # the same dropout masks as the forward drew
+            if ctx.device_rng is not None:
+                torch.cuda.set_rng_state(ctx.device_rng, ctx.device)
+            output = call.forward(hidden, *ctx.args, **ctx.kwargs)
+        torch.autograd.backward(output, grad_output)
+        ctx.call = ctx.args = ctx.kwargs = ctx.kept = None
+        return None, hidden.grad if ctx.hidden_needs_grad else None, None, None, None
 
 
 def _chunk_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

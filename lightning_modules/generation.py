@@ -26,42 +26,10 @@ import torch
 
 from foundation import ConfigError, synchronize
 from lightning_modules.decode_attention import decode_attention_applies
-from lightning_modules.matvec_kernels import (
-    switched_on,
-    triton_available,
-    triton_matvec_routed,
-    triton_matvec_routing,
-    use_triton_matvec,
-)
+from lightning_modules.matvec_kernels import ROUTING_ATTRIBUTE, decode_routing, use_triton_matvec
 
 Decoder = Literal["auto", "dynamic", "static", "static-compiled"]
 Matvec = Literal["auto", "library", "triton"]
-
-
-def resolve_decoder(decoder: str, device: torch.device) -> str:
-    """The decoder for this device: ``auto`` is ``dynamic`` (see the module docstring for why)."""
-    if decoder == "auto":
-        return "dynamic"
-    if decoder == "static-compiled" and device.type != "cuda":
-        raise ConfigError("model.generation.decoder=static-compiled needs a CUDA GPU; use auto, static or dynamic.")
-    return decoder
-
-
-def resolve_matvec(matvec: str, decoder: str, device: torch.device) -> str:
-    """``triton`` or ``library`` for a decoder (already resolved) on ``device``: ``auto`` takes the Triton
-    matrix-vector kernels for the compiled static decoder on a GPU (lightning_modules/matvec_kernels.py)."""
-    if matvec == "auto":
-        usable = decoder == "static-compiled" and device.type == "cuda" and triton_available()
-        return "triton" if usable else "library"
-    if matvec == "triton":
-        if device.type != "cuda" or not triton_available():
-            raise ConfigError("model.generation.matvec=triton needs a CUDA GPU and Triton; use auto or library.")
-        if decoder == "dynamic":
-            raise ConfigError(
-                "model.generation.matvec=triton runs in the static decoders' step; set model.generation.decoder "
-                "to static or static-compiled, or matvec to auto."
-            )
-    return matvec
 
 
 @dataclass
@@ -194,9 +162,10 @@ class StaticCacheDecoder:
     ) -> None:
         from transformers import StaticCache
 
+        self.routing = decode_routing(model)
         if triton_matvec:
             use_triton_matvec(model, four_bit=four_bit_matvec)
-        install_grouped_decode_attention()
+        use_grouped_decode_attention(model)
         self.triton_matvec = triton_matvec
         self.model = model
         self.max_cache_len = max_cache_len
@@ -217,8 +186,7 @@ class StaticCacheDecoder:
 
     def step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """Logits ``(1, vocab)`` after ``token`` ``(1, 1)`` at ``position`` ``(1,)``."""
-        routing = triton_matvec_routing() if self.triton_matvec else contextlib.nullcontext()
-        with routing, grouped_decode_attention():
+        with self.routing.switched_on():
             if self._step is None:
                 return self._one_token(token, position)
             torch.compiler.cudagraph_mark_step_begin()
@@ -389,23 +357,29 @@ def generate_timed(
     return TimedGeneration(new_tokens=new_tokens, ttft_s=first - start, total_s=end - start)
 
 
-_GROUPED = {"on": False, "library": None}
+GROUPED_ATTENTION = "smarter_grouped_sdpa"  # the name it is registered under with transformers
 
 
-def install_grouped_decode_attention() -> None:
-    """Put ``grouped_sdpa_attention`` in front of transformers' ``sdpa`` attention (once per process). It
-    changes nothing outside ``grouped_decode_attention()``."""
+def use_grouped_decode_attention(model: torch.nn.Module) -> bool:
+    """Make an SDPA model's attention ``grouped_sdpa_attention``, registered (once) under this framework's own
+    name with transformers' SDPA mask; each attention module is given the model's ``DecodeRouting``. Other
+    models, and everything but the one-query steps of the static decoder, keep transformers' own SDPA.
+    Returns whether the model uses it."""
     from transformers import AttentionInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    if _GROUPED["library"] is None:
-        _GROUPED["library"] = ALL_ATTENTION_FUNCTIONS["sdpa"]
-        AttentionInterface.register("sdpa", grouped_sdpa_attention)
-
-
-def grouped_decode_attention():
-    """Inside, one-query SDPA attention over grouped key/value heads runs as ``grouped_sdpa_attention``."""
-    return switched_on(_GROUPED)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config._attn_implementation not in ("sdpa", GROUPED_ATTENTION):
+        return False
+    if GROUPED_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(GROUPED_ATTENTION, grouped_sdpa_attention)
+        AttentionMaskInterface.register(GROUPED_ATTENTION, sdpa_mask)
+    routing = decode_routing(model)
+    for module in base.modules():
+        if hasattr(module, "num_key_value_groups"):  # an attention module
+            setattr(module, ROUTING_ATTRIBUTE, routing)
+    base.set_attn_implementation(GROUPED_ATTENTION)
+    return True
 
 
 def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -423,12 +397,14 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     groups = heads // kv_heads
     plain = attention_mask is None or attention_mask.shape[1] == 1
     extra = any(kwargs.get(name) is not None for name in ("softcap", "position_bias", "s_aux"))
-    if not _GROUPED["on"] or queries != 1 or groups == 1 or dropout != 0.0 or not plain or extra:
-        library = _GROUPED["library"]
-        if library is None:  # not installed: called directly
-            from transformers.integrations.sdpa_attention import sdpa_attention_forward as library
-        return library(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if triton_matvec_routed() and decode_attention_applies(query, key, attention_mask):
+    routing = getattr(module, ROUTING_ATTRIBUTE, None)
+    if routing is None or not routing.on or queries != 1 or groups == 1 or dropout != 0.0 or not plain or extra:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if routing.routes_matvec and decode_attention_applies(query, key, attention_mask):
         # this framework's kernel (lightning_modules/decode_attention.py) in the step of matvec: triton
         positions = key.shape[2]
         mask = key.new_ones(positions, dtype=torch.bool) if attention_mask is None else attention_mask.reshape(-1)

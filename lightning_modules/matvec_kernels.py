@@ -6,8 +6,8 @@ each weight row once, multiplies in float32 and sums (faster than cuBLAS on a 7B
 BENCHMARKS.md).
 
 ``use_triton_matvec(model)`` prepares every plain ``nn.Linear`` of a model (the LoRA matrices included)
-to take it for inputs of one row, inside ``triton_matvec_routing()`` only (the static decoder's step):
-more rows (prefill, training) and every call outside go through torch as before. The kernels are
+to take it for inputs of one row, while that model's ``DecodeRouting`` is switched on (the static decoder's
+step): more rows (prefill, training), other models and every call outside go through torch as before. The kernels are
 ``torch.library`` operators, so a compiled decode step calls them inside its CUDA graph. On a CPU
 (tests) Triton's interpreter runs them when ``TRITON_INTERPRET=1``.
 
@@ -33,7 +33,6 @@ import torch
 # 7B's four weight shapes (H200, 8 layers' distinct weights replayed in a CUDA graph), this one was the
 # fastest, or as fast as the fastest, on every shape (the sweep is in BENCHMARKS.md).
 LAUNCH = {"rows": 2, "bytes": 4096, "warps": 2}
-_ROUTING = {"on": False}  # routed layers take the kernels only inside ``triton_matvec_routing()``
 
 
 @functools.cache
@@ -91,7 +90,6 @@ def _(x, weight):
 # launch shape of the 4-bit kernel: output rows per program, quantization blocks (64 weights) per loop step, warps;
 # the best of 40 launches tried on an H200 (7B shapes, nf4, double quant; the sweep is in BENCHMARKS.md)
 FOUR_BIT_LAUNCH = {"rows": 8, "blocks": 32, "warps": 8}
-_CODES: dict[int, tuple[float, ...]] = {}  # code table id -> the 16 code values its assembly decodes to
 
 
 def code_tables(code: list[float], dtype: str = "float16") -> dict[str, tuple[int, int]]:
@@ -271,8 +269,8 @@ def _four_bit_kernel() -> Any:
 
 
 @functools.cache
-def _dot_asm(table: int, x_dtype: str) -> str:
-    return dot_asm(list(_CODES[table]), x_dtype)
+def _dot_asm(code: tuple[float, ...], x_dtype: str) -> str:
+    return dot_asm(list(code), x_dtype)
 
 
 @torch.library.custom_op("smarter::four_bit_matvec", mutates_args=())
@@ -288,12 +286,12 @@ def four_bit_matvec(
     n: int,
     nested: bool,
     blocksize2: int,
-    table: int,
+    code: list[float],
 ) -> torch.Tensor:
     """``W @ x`` for one vector ``x`` ``(k,)`` and a 4-bit weight ``W`` ``(n, k)`` in bitsandbytes' layout
     (``words``: its packed bytes as int32, rows of k / 8 words; blocks of 64 weights with one ``absmax``
     each, itself 8-bit quantized when ``nested``); the codes are ``code16`` (float32 values of the fp16
-    codes) and, on a GPU, the assembly of ``_CODES[table]`` with its register words ``tables`` (int32
+    codes) and, on a GPU, the assembly of ``code`` (its 16 values) with its register words ``tables`` (int32
     ``(2, 4)``: for bfloat16 and float16 x, ``dot_tables``); x is bfloat16 or float16. ``(n,)`` in x's dtype."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"four_bit_matvec takes bfloat16 or float16 x, not {x.dtype}")
@@ -305,14 +303,14 @@ def four_bit_matvec(
     even = n % rows == 0 and (k // 64) % blocks == 0
     _four_bit_kernel()[(triton_cdiv(n, rows),)](
         x, x.view(torch.int32), tables[0 if bf16 else 1], words, absmax, absmax2, code2, code16, offset, y, n, k, 0,
-        BLOCK2=blocksize2, NESTED=nested, ROWS=rows, NB=blocks, ASM=_dot_asm(table, str(x.dtype)[6:]),
+        BLOCK2=blocksize2, NESTED=nested, ROWS=rows, NB=blocks, ASM=_dot_asm(tuple(code), str(x.dtype)[6:]),
         LOOKUP=lookup, EVEN=even, num_warps=warps,
     )  # fmt: skip
     return y
 
 
 @four_bit_matvec.register_fake
-def _(x, words, absmax, absmax2, code2, code16, tables, offset, n, nested, blocksize2, table):
+def _(x, words, absmax, absmax2, code2, code16, tables, offset, n, nested, blocksize2, code):
     return x.new_empty(n)
 
 
@@ -327,11 +325,12 @@ def four_bit_assembly_runs_on(device: torch.device) -> bool:
 
 
 @functools.cache
-def _table_words(table: int, device: torch.device) -> torch.Tensor:
-    """``dot_tables`` of code table ``table`` for bfloat16 and for float16 x: int32 ``(2, 4)`` on ``device``,
+def _table_words(code: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """``dot_tables`` of ``code`` for bfloat16 and for float16 x: int32 ``(2, 4)`` on ``device``,
     one tensor shared by every layer with that code."""
-    code = list(_CODES[table])
-    return torch.tensor([dot_tables(code, "bfloat16"), dot_tables(code, "float16")], dtype=torch.int32, device=device)
+    return torch.tensor(
+        [dot_tables(list(code), "bfloat16"), dot_tables(list(code), "float16")], dtype=torch.int32, device=device
+    )
 
 
 def four_bit_operands(packed: torch.Tensor, state: Any) -> dict[str, Any] | None:
@@ -345,26 +344,26 @@ def four_bit_operands(packed: torch.Tensor, state: Any) -> dict[str, Any] | None
     if nested and state.state2.blocksize < 1:
         return None
     code = tuple(state.code.float().tolist())
-    table = next((key for key, known in _CODES.items() if known == code), len(_CODES))
-    _CODES.setdefault(table, code)
     return dict(
         words=packed.view(torch.uint8).reshape(-1).view(torch.int32),
         absmax=state.absmax,
         absmax2=state.state2.absmax if nested else state.absmax,
         code2=(state.state2.code if nested else state.code).float(),
         code16=state.code.to(torch.float16).float(),
-        tables=_table_words(table, state.absmax.device),
+        tables=_table_words(code, state.absmax.device),
         offset=float(state.offset) if nested else 0.0,
         n=state.shape[0],
         nested=nested,
         blocksize2=state.state2.blocksize if nested else 1,
-        table=table,
+        code=list(code),
     )
 
 
-def _one_row_or_bitsandbytes(original, layer: torch.nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _one_row_or_bitsandbytes(
+    original, layer: torch.nn.Module, routing: DecodeRouting, x: torch.Tensor, *args, **kwargs
+) -> torch.Tensor:
     operands = layer._smarter_four_bit
-    one_row = _ROUTING["on"] and x.numel() == x.shape[-1] and not torch.is_grad_enabled()
+    one_row = routing.routes_matvec and x.numel() == x.shape[-1] and not torch.is_grad_enabled()
     if not one_row or x.shape[-1] % 64 or x.dtype not in (torch.bfloat16, torch.float16):
         return original(x, *args, **kwargs)
     y = torch.ops.smarter.four_bit_matvec(x.reshape(-1).contiguous(), **operands)
@@ -383,13 +382,15 @@ def _is_bitsandbytes_four_bit(layer: torch.nn.Module) -> bool:
 def use_triton_matvec(model: torch.nn.Module, four_bit: bool = True) -> int:
     """Prepare every plain ``nn.Linear`` of ``model`` with floating-point weights (and unless ``four_bit`` is
     False every bitsandbytes 4-bit layer of blocks of 64, on a device where ``four_bit_assembly_runs_on``) to
-    send one-row inputs to the Triton kernels inside ``triton_matvec_routing()``; returns how many layers are
-    prepared."""
+    send one-row inputs to the Triton kernels while the model's ``DecodeRouting`` is on; returns how many layers
+    are prepared."""
+    routing = decode_routing(model)
+    routing.matvec = True
     prepared = 0
     for layer in model.modules():
         if type(layer) is torch.nn.Linear and layer.weight.dtype.is_floating_point:
             if not getattr(layer, "_smarter_matvec", False):
-                layer.forward = functools.partial(_one_row_or_torch, layer.forward, layer)
+                layer.forward = functools.partial(_one_row_or_torch, layer.forward, layer, routing)
                 layer._smarter_matvec = True
             prepared += 1
         elif four_bit and _is_bitsandbytes_four_bit(layer):
@@ -398,35 +399,59 @@ def use_triton_matvec(model: torch.nn.Module, four_bit: bool = True) -> int:
                 if operands is None:
                     continue  # other block sizes keep bitsandbytes' kernel
                 layer._smarter_four_bit = operands
-                layer.forward = functools.partial(_one_row_or_bitsandbytes, layer.forward, layer)
+                layer.forward = functools.partial(_one_row_or_bitsandbytes, layer.forward, layer, routing)
             prepared += 1
     return prepared
 
 
-def triton_matvec_routed() -> bool:
-    """Inside ``triton_matvec_routing()``."""
-    return _ROUTING["on"]
+class DecodeRouting:
+    """Where one model's one-token decode step goes, held by that model (``decode_routing``): its layers and
+    attention modules read it, and nothing outside the model does.
+
+    Attributes:
+        on: Inside the static decoder's step (``switched_on()``).
+        matvec: The model's layers were prepared by ``use_triton_matvec``: one-row inputs take the Triton
+            kernels, and one-query attention this framework's kernel, while ``on``.
+    """
+
+    def __init__(self) -> None:
+        self.on = False
+        self.matvec = False
+
+    @contextlib.contextmanager
+    def switched_on(self):
+        """Inside, ``on`` is True; after, as it was."""
+        previous = self.on
+        self.on = True
+        try:
+            yield
+        finally:
+            self.on = previous
+
+    @property
+    def routes_matvec(self) -> bool:
+        return self.on and self.matvec
 
 
-@contextlib.contextmanager
-def switched_on(switch: dict[str, Any]):
-    """Inside, ``switch["on"]`` is True; after, as it was."""
-    previous = switch["on"]
-    switch["on"] = True
-    try:
-        yield
-    finally:
-        switch["on"] = previous
+ROUTING_ATTRIBUTE = "_smarter_decode_routing"
 
 
-def triton_matvec_routing():
-    """Inside, one-row inputs of layers prepared by ``use_triton_matvec`` take the Triton kernel."""
-    return switched_on(_ROUTING)
+def decode_routing(model: torch.nn.Module) -> DecodeRouting:
+    """The model's ``DecodeRouting``, made on first use and kept on the model instance (a peft wrapper and its
+    base model share one)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    routing = getattr(base, ROUTING_ATTRIBUTE, None)
+    if routing is None:
+        routing = DecodeRouting()
+        setattr(base, ROUTING_ATTRIBUTE, routing)
+    return routing
 
 
-def _one_row_or_torch(original, layer: torch.nn.Linear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _one_row_or_torch(
+    original, layer: torch.nn.Linear, routing: DecodeRouting, x: torch.Tensor, *args, **kwargs
+) -> torch.Tensor:
     weight = layer.weight
-    one_row = _ROUTING["on"] and x.numel() == x.shape[-1] and not torch.is_grad_enabled()
+    one_row = routing.routes_matvec and x.numel() == x.shape[-1] and not torch.is_grad_enabled()
     if not one_row or x.dtype != weight.dtype or weight.stride(1) != 1:
         return original(x, *args, **kwargs)
     y = torch.ops.smarter.dense_matvec(x.reshape(-1), weight)

@@ -137,11 +137,12 @@ def time_fast_decoder(
 ) -> FastDecoderTimings:
     """Time the framework's fast decoder on ``prompt`` ``(1, prompt_len)``: warm-up (and compilation) on this
     very prompt, timed separately, then ``repeats`` timed runs (medians)."""
-    from lightning_modules.generation import StaticCacheDecoder, resolve_matvec
+    from lightning_modules.execution_plan import Platform, resolve_decoding
+    from lightning_modules.generation import StaticCacheDecoder
 
     device = prompt.device
-    kind = fast_decoder_kind(device)
-    triton_matvec = resolve_matvec("auto", kind, device) == "triton"
+    kind, matvec = resolve_decoding(fast_decoder_kind(device), "auto", Platform.detect(device))
+    triton_matvec = matvec == "triton"
     settings = GenerationSettings(max_new_tokens=new_tokens, stop_at_eos=False)
     synchronize(device)
     start = time.perf_counter()

@@ -23,26 +23,16 @@ from lightning_modules.checkpoints import (
     restore_rng_state,
     setting_differences,
 )
+from lightning_modules.execution_plan import ExecutionPlan, Platform, resolve_plan
 from lightning_modules.fast_paths import (
     LossPath,
     adapter_autocast,
     chunked_nll_sum,
     fused_nll_sum,
     keep_adapter_inputs_uncast,
-    kernels_for_decoding,
-    liger_available,
-    resolve_adapter_compute,
-    resolve_loss,
     store_adapters_in,
 )
-from lightning_modules.generation import (
-    GenerationSettings,
-    StaticCacheDecoder,
-    check_generation_fits,
-    generate_timed,
-    resolve_decoder,
-    resolve_matvec,
-)
+from lightning_modules.generation import GenerationSettings, StaticCacheDecoder, check_generation_fits, generate_timed
 from lightning_modules.metrics import TokenNLLMetric
 from lightning_modules.model_building import (
     InputRequirements,
@@ -111,8 +101,6 @@ class MistralModule(L.LightningModule):
             raise ConfigError(f"model.min_lr_ratio must be between 0 and 1, got {min_lr_ratio}.")
         if loss not in ("auto", "fused", "chunked", "logits"):
             raise ConfigError(f"model.loss={loss!r} is not supported; choose auto, fused, chunked or logits.")
-        if loss == "fused" and not liger_available():
-            raise ConfigError("model.loss=fused needs a CUDA GPU and liger-kernel; set model.loss: auto or chunked.")
         if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
             raise ConfigError(f"model.betas must be two numbers in [0, 1), got {list(betas)}.")
         if optimizer not in ("adamw", "adamw-8bit", "paged-adamw-8bit"):
@@ -135,7 +123,9 @@ class MistralModule(L.LightningModule):
         # With adapters, checkpoints hold only what trains: the frozen base is rebuilt from spec.
         self.strict_loading = self.spec.lora is None
         self.static_decoder: StaticCacheDecoder | None = None  # set in on_predict_start
-        self.adapter_dtype: torch.dtype | None = None  # set in configure_model: None = float32 adapters
+        # what runs (kernels, loss, compiled layers, adapters' dtype, decoder): resolved once, before the model
+        # is built (by the CLI's pre-flight checks, or by configure_model), and never changed by the module
+        self.plan: ExecutionPlan | None = None
         self._resumed = False  # set by on_load_checkpoint
         self._rng_to_restore: dict[str, Any] | None = None
         self._losses_finite: torch.Tensor | None = None  # on the device, until the optimizer step reads it
@@ -180,30 +170,47 @@ class MistralModule(L.LightningModule):
                 "would train nothing; set model.lora (QLoRA) or model.quantization: none."
             )
 
+    def resolve_plan(self, stage: str, where: Any) -> ExecutionPlan:
+        """Resolve and keep this run's ``ExecutionPlan`` for ``stage`` on ``where`` (a Lightning strategy or a
+        device); raises the ``ConfigError`` of a combination that cannot run there."""
+        platform = where if isinstance(where, Platform) else Platform.detect(where)
+        self.plan = resolve_plan(
+            self.spec,
+            stage,
+            platform,
+            loss=self.hparams.loss,
+            decoder=self.generation.decoder,
+            matvec=self.generation.matvec,
+        )
+        return self.plan
+
+    @property
+    def adapter_dtype(self) -> torch.dtype | None:
+        """The 16-bit dtype adapters multiply in under autocast, or None (float32 adapters, none, or no plan)."""
+        return self.plan.adapter_dtype if self.plan is not None else None
+
     def configure_model(self) -> None:
-        """Load the model once, straight onto the strategy's device."""
+        """Load the model once, straight onto the strategy's device, as this run's plan says."""
         if self.model is not None:
             return
-        device = self._trainer.strategy.root_device if self._trainer is not None else self.device
-        predicting = self._trainer is not None and self.trainer.state.fn == "predict"
-        if predicting:
-            decoder = resolve_decoder(self.generation.decoder, device)
-            # compiled layers are for training and evaluation shapes: decoding changes shape every token
-            # (a recompilation each time), and the static decoder compiles its whole step itself
-            kernels = kernels_for_decoding(self.spec.kernels, decoder)
-            self.spec = dataclasses.replace(self.spec, kernels=kernels, compile="off")
+        trainer = self._trainer
+        device = trainer.strategy.root_device if trainer is not None else self.device
+        stage = str(getattr(trainer.state.fn, "value", trainer.state.fn)) if trainer is not None else "validate"
+        if self.plan is None or self.plan.stage != stage:
+            self.resolve_plan(stage, trainer.strategy if trainer is not None else device)
         self.model = self.build_model(device)
         self.model.train()  # from_pretrained returns eval mode; Lightning's loops switch for eval
-        if self.spec.lora is not None:
-            self.adapter_dtype = resolve_adapter_compute(self.spec.lora.compute, device, self.spec.torch_dtype)
-            if self.adapter_dtype is not None:
-                keep_adapter_inputs_uncast(self.model)
-                if predicting:  # decoding runs without autocast: the adapters take the dtype autocast gives them
-                    store_adapters_in(self.model, self.adapter_dtype)
+        if self.adapter_dtype is not None:
+            keep_adapter_inputs_uncast(self.model)
+        if self.plan.adapters_stored_in is not None:  # decoding runs without autocast: the dtype autocast gives
+            store_adapters_in(self.model, getattr(torch, self.plan.adapters_stored_in))
 
     def build_model(self, device: torch.device) -> torch.nn.Module:
-        """The Hugging Face model for ``self.spec`` on ``device``. Override to change the model itself."""
-        return load_causal_lm(self.spec, device)
+        """The Hugging Face model for ``self.spec`` on ``device``, built as ``self.plan`` says (resolved for
+        evaluation on ``device`` when unset). Override to change the model itself."""
+        if self.plan is None:
+            self.resolve_plan("validate", device)
+        return load_causal_lm(self.spec, device, self.plan)
 
     # ---- loss ----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -212,10 +219,7 @@ class MistralModule(L.LightningModule):
         return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
     def _loss_path(self) -> str:
-        head = self._causal_lm().lm_head
-        if type(head) is not torch.nn.Linear:  # an adapter on the LM head: only the plain path sees it
-            return "logits"
-        return resolve_loss(self.hparams.loss, self.device)
+        return self.plan.loss if self.plan is not None else "logits"
 
     def _causal_lm(self) -> torch.nn.Module:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -367,14 +371,21 @@ class MistralModule(L.LightningModule):
         # the prompts themselves (iterating the loader here would consume the loop's own pass over it)
         prompts = [item["input_ids"] for loader in loaders for item in loader.dataset]
         longest = max(prompts, key=len)[None].to(self.device)  # (1, prompt_len)
-        kind = resolve_decoder(self.generation.decoder, self.device)
+        plan = self.plan if self.plan is not None and self.plan.stage == "predict" else None
+        if plan is None:  # the model was built for another stage in this process: decode as predict would
+            plan = resolve_plan(
+                self.spec, "predict", Platform.detect(self.device), self.hparams.loss, self.generation.decoder,
+                self.generation.matvec,
+            )  # fmt: skip
         self.static_decoder = None
-        if kind != "dynamic":
+        if plan.decoder != "dynamic":
             cache_len = -(-(longest.shape[1] + self.generation.max_new_tokens) // 128) * 128
             cache_len = min(cache_len, self.max_positions)
-            matvec = resolve_matvec(self.generation.matvec, kind, self.device)
             self.static_decoder = StaticCacheDecoder(
-                self.model, cache_len, compiled=kind == "static-compiled", triton_matvec=matvec == "triton"
+                self.model,
+                cache_len,
+                compiled=plan.decoder == "static-compiled",
+                triton_matvec=plan.matvec == "triton",
             )
         for _ in range(self.generation.warmup):
             generate_timed(self.model, longest, self.generation, static_decoder=self.static_decoder)
@@ -467,8 +478,8 @@ class MistralModule(L.LightningModule):
         self._resumed = True
 
     def _gradients_from_cuda_graphs(self) -> bool:
-        """Whether the adapters' gradients come out of replayed CUDA graphs (compiled layers on a GPU)."""
-        return self.spec.compile == "layers-cudagraphs" and self.device.type == "cuda"
+        """Whether the adapters' gradients come out of replayed CUDA graphs: the plan keeps them, zeroed in place."""
+        return self.plan is not None and self.plan.gradients_zeroed_in_place
 
     def on_validation_model_zero_grad(self) -> None:
         """Lightning drops every gradient before a validation inside ``fit``; gradients that come out of CUDA
@@ -560,6 +571,7 @@ def load_trained(path: str, device: torch.device | str = "cpu", what: str = "ckp
     if not (isinstance(cls, type) and issubclass(cls, MistralModule)):
         raise ConfigError(f"{path} was trained with {class_path}, which is not a MistralModule.")
     module = cls(**hparams)
+    module.resolve_plan("validate", torch.device(device))
     module.model = module.build_model(torch.device(device))
     trainable = {f"model.{n}" for n, p in module.model.named_parameters() if p.requires_grad}
     result = module.load_state_dict(checkpoint["state_dict"], strict=False)

@@ -16,6 +16,7 @@ from typing import Literal, get_args
 import torch
 
 from foundation import CACHE_FOLDER_SETTING, ConfigError, cache_folder, check_writable_folder, notify
+from lightning_modules.execution_plan import ExecutionPlan, Platform, resolve_plan
 from lightning_modules.fast_paths import (
     AdapterCompute,
     Checkpointing,
@@ -24,8 +25,7 @@ from lightning_modules.fast_paths import (
     apply_activation_checkpointing,
     apply_liger_kernels,
     compile_layers,
-    liger_available,
-    resolve_kernels,
+    offload_checkpointed_layers,
 )
 from lightning_modules.presets import PRESETS, preset_weights_folder
 from lightning_modules.tokenizers import MISTRAL_V1_TOKENIZER
@@ -176,9 +176,10 @@ class ModelSpec:
         attention: Attention kernel: ``eager`` or ``sdpa``.
         dtype: Dtype of the non-quantized weights and of the 4-bit compute.
         activation_checkpointing: Recompute decoder layers in backward to save memory: ``off``,
-            ``every-layer``, or ``selective`` (every ``checkpoint_every``-th layer).
+            ``every-layer``, ``selective`` (every ``checkpoint_every``-th layer), or ``offload`` (every layer,
+            each layer's input kept in pinned host memory instead of on the GPU, copied on a side stream).
         checkpoint_every: With ``selective``, checkpoint one layer in this many.
-        keep_last_layers: With ``every-layer`` or ``selective``, this many of the last decoder layers keep
+        keep_last_layers: With ``every-layer``, ``selective`` or ``offload``, this many of the last decoder layers keep
             their activations instead of recomputing them (memory traded for speed, layer by layer).
         kernels: Fused kernels: ``auto`` (Liger's RMSNorm, RoPE and SwiGLU on a CUDA GPU when
             ``liger-kernel`` is installed, unless the layers are compiled: the compiler fuses those
@@ -402,17 +403,6 @@ def validate_model_spec(spec: ModelSpec):
         raise ConfigError(f"model.checkpoint_every must be >= 1, got {spec.checkpoint_every}.")
     if spec.keep_last_layers < 0:
         raise ConfigError(f"model.keep_last_layers must be >= 0, got {spec.keep_last_layers}.")
-    if spec.compile == "layers-cudagraphs" and spec.activation_checkpointing != "off":
-        raise ConfigError(
-            "model.compile=layers-cudagraphs cannot recompute checkpointed layers (the replayed graphs "
-            "overwrite the outputs that recomputation needs); set model.compile: layers, or "
-            "model.activation_checkpointing: off."
-        )
-    if spec.kernels == "liger" and not liger_available():
-        raise ConfigError(
-            "model.kernels=liger needs a CUDA GPU and liger-kernel (pip install 'scaling-smarter[gpu]'); "
-            "set model.kernels: auto (Liger where it runs) or off."
-        )
     if spec.quantization != "none" and spec.dtype == "float32":
         raise ConfigError(
             f"model.quantization={spec.quantization} computes in 16-bit; set model.dtype to bfloat16 or float16."
@@ -501,8 +491,9 @@ def prepare_preset_weights(spec: ModelSpec, device: torch.device | str = "cpu") 
     return preset_weights_folder(config, seed, cache_root(spec), torch.device(device))
 
 
-def load_causal_lm(spec: ModelSpec, device: torch.device | str = "cpu"):
-    """Build the model a spec describes, weights loaded straight onto ``device``.
+def load_causal_lm(spec: ModelSpec, device: torch.device | str = "cpu", plan: ExecutionPlan | None = None):
+    """Build the model a spec describes, weights loaded straight onto ``device``, with the kernels, compiled
+    layers and checkpointing of ``plan`` (unset: the plan to evaluate on ``device``).
 
     Presets get random weights written once to a cache folder, then load like any checkpoint.
     """
@@ -510,6 +501,8 @@ def load_causal_lm(spec: ModelSpec, device: torch.device | str = "cpu"):
 
     config = validate_model_spec(spec)
     device = torch.device(device)
+    if plan is None:
+        plan = resolve_plan(spec, "validate", Platform.detect(device))
     if spec.quantization != "none" and device.type not in ("cuda", "cpu", "xpu"):
         raise ConfigError(f"bitsandbytes quantization does not run on {device.type}; use a GPU or CPU.")
     base = spec.base_source
@@ -528,17 +521,20 @@ def load_causal_lm(spec: ModelSpec, device: torch.device | str = "cpu"):
     )
     if spec.quantization in ("nf4", "nf4-dq") and device.type == "cpu":
         disable_bnb_cpu_weight_repacking(model)
-    if resolve_kernels(spec.kernels, device, spec.compile) == "liger":
+    if plan.kernels == "liger":
         apply_liger_kernels(model)
-    apply_activation_checkpointing(model, spec.activation_checkpointing, spec.checkpoint_every, spec.keep_last_layers)
+    apply_activation_checkpointing(model, plan.activation_checkpointing, spec.checkpoint_every, spec.keep_last_layers)
     adapter = spec.adapter
     if adapter is not None:
         model = load_adapter(model, adapter, spec.lora)
     elif spec.lora is not None:
         model = apply_lora(model, spec.lora)
-    if spec.compile != "off":
-        if device.type == "cuda":
-            compile_layers(model, cuda_graphs=spec.compile == "layers-cudagraphs")
-        else:
-            notify(f"model.compile={spec.compile} is skipped on a CPU (it speeds up CUDA kernels only).")
+    if plan.compile != "off":
+        compile_layers(
+            model, cuda_graphs=plan.compile == "layers-cudagraphs", whole_under_ddp=plan.layer_graphs_whole_under_ddp
+        )
+    elif spec.compile != "off" and plan.stage != "predict":
+        notify(f"model.compile={spec.compile} is skipped: {plan.why('compile')}.")
+    if plan.activation_checkpointing == "offload":
+        offload_checkpointed_layers(model, spec.keep_last_layers)
     return model

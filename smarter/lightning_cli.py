@@ -20,7 +20,7 @@ from callbacks.strategies import check_strategy_fits_accumulation
 from datamodules.token_data import TokenDataModule
 from foundation import ConfigError, RunStopped, check_writable_folder, notify
 from lightning_modules.checkpoints import read_checkpoint, refusal_message, setting_differences
-from lightning_modules.generation import check_generation_fits, resolve_decoder, resolve_matvec
+from lightning_modules.generation import check_generation_fits
 from lightning_modules.mistral_module import MistralModule
 from smarter.config_files import expand_config_arguments, run_name
 from smarter.errors import PROG, SmarterArgumentParser
@@ -35,10 +35,6 @@ HEADLESS_TRAINER_ARGS = [
 
 
 # ---- the LightningCLI ------------------------------------------------------------------------------
-
-
-# the dtype Lightning's FSDP precision plugin casts the whole module to before sharding ("true" precisions)
-_FSDP_CASTS_TO = {"bf16-true": "bfloat16", "16-true": "float16", "32-true": "float32", "64-true": "float64"}
 
 
 def check_trainer_numbers(trainer) -> None:
@@ -66,66 +62,6 @@ def check_trainer_numbers(trainer) -> None:
                 f"trainer.{name} {value} trains nothing (and fit would export the model as trained); set it "
                 "above 0, or score the model with `smarter validate`."
             )
-
-
-def check_strategy_fits_compile(strategy, compile_mode: str) -> None:
-    """Refuse CUDA-graph layers under FSDP (before weights load): FSDP gathers each layer's weights before
-    its forward and frees them after, so the weights a recorded graph reads do not stay where it read them."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    if isinstance(strategy, FSDPStrategy) and compile_mode == "layers-cudagraphs":
-        raise ConfigError(
-            f"model.compile=layers-cudagraphs cannot run under {type(strategy).__name__}, which gathers and "
-            "frees each layer's weights around every use; set model.compile: layers or off."
-        )
-
-
-def check_strategy_fits_quantization(strategy, quantization: str, quant_storage: str, dtype: str = "bfloat16") -> None:
-    """Refuse a distributed strategy that cannot carry the chosen quantization (before weights load).
-
-    Under FSDP the precision must keep the model's dtype: Lightning's FSDP casts the whole module to a
-    "true" precision's dtype (``32-true``, the default, turns a bf16 model into float32), and a cast of
-    4-bit weights packed in floating-point containers scrambles them.
-    """
-    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
-
-    name = type(strategy).__name__
-    if isinstance(strategy, FSDPStrategy) and strategy.root_device.type == "cpu":
-        raise ConfigError(f"{name} runs on GPUs only; use trainer.strategy ddp on CPUs.")
-    if isinstance(strategy, FSDPStrategy):
-        precision = strategy.precision_plugin.precision
-        held = _FSDP_CASTS_TO.get(precision, dtype)
-        mixed = strategy.mixed_precision_config
-        computed = str(mixed.param_dtype).removeprefix("torch.") if mixed and mixed.param_dtype else held
-        packed = quantization not in ("none", "int8")  # 4-bit, packed in floating-point containers under FSDP
-        if held != dtype or (packed and computed != dtype):
-            wanted = {cast: name for name, cast in _FSDP_CASTS_TO.items()}.get(dtype, "bf16-true")
-            raise ConfigError(
-                f"{name} with trainer.precision {precision} would cast the model.dtype {dtype} weights"
-                + (" (and the 4-bit weights packed in them)" if packed else "")
-                + f" to {computed if held == dtype else held}; set trainer.precision: {wanted} "
-                "(configs/distributed/fsdp-qlora.yaml does)."
-            )
-    if quantization == "none":
-        return
-    if isinstance(strategy, FSDPStrategy):
-        if quantization == "int8":
-            raise ConfigError(f"{name} cannot shard LLM.int8 weights; use ddp, or model.quantization nf4 with FSDP.")
-        if quant_storage == "uint8":
-            raise ConfigError(
-                f"{name} shards floating-point tensors only; set model.quant_storage: bfloat16 "
-                "(configs/distributed/fsdp-qlora.yaml does), or use ddp."
-            )
-        if quant_storage != dtype:
-            raise ConfigError(
-                f"{name} needs the 4-bit weights packed in the model's dtype; set model.quant_storage: {dtype}."
-            )
-        return
-    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-        raise ConfigError(
-            f"trainer.strategy {name} cannot carry a bitsandbytes-quantized base; use ddp or "
-            "callbacks.strategies.MistralFSDPStrategy (configs/distributed/)."
-        )
 
 
 def requirements_of(model: MistralModule):
@@ -165,6 +101,13 @@ class SmarterCLI(LightningCLI):
         )
         parser.link_arguments(
             "model", "data.init_args.model_requirements", compute_fn=requirements_of, apply_on="instantiate"
+        )
+        parser.add_argument(
+            "--print_plan",
+            action="store_true",
+            help="Print the execution plan (kernels, loss, compiled layers, CUDA graphs, checkpointing, adapters' "
+            "dtype, decoder) that this command would run here, each choice with its reason, and exit before "
+            "any weights load.",
         )
 
     # ---- checkpoints ---------------------------------------------------------------------------
@@ -242,19 +185,17 @@ class SmarterCLI(LightningCLI):
                 self.model.check_can_fit()
             check_trainer_numbers(trainer)
             check_strategy_fits_accumulation(trainer)
-        spec = getattr(self.model, "spec", None)
-        if spec is not None:
-            check_strategy_fits_compile(trainer.strategy, spec.compile)
-            check_strategy_fits_quantization(trainer.strategy, spec.quantization, spec.quant_storage, spec.dtype)
+        # what will run: resolved once, here, before any weights load; its refusals are this run's
+        plan = self.model.resolve_plan(subcommand, trainer.strategy)
+        if self.config[subcommand].get("print_plan"):
+            print(plan.describe(), flush=True)
+            raise SystemExit(0)
         if subcommand != "predict" and hasattr(self.datamodule, "check_ready"):
             self.datamodule.check_ready()
         if subcommand == "fit" and hasattr(self.datamodule, "check_batch_fits"):
             self.datamodule.check_batch_fits()
         if subcommand == "predict":
             module, datamodule = self.model, self.datamodule
-            device = trainer.strategy.root_device
-            decoder = resolve_decoder(module.generation.decoder, device)  # one the device can run
-            resolve_matvec(module.generation.matvec, decoder, device)
             max_new = module.generation.max_new_tokens
             for index, item in enumerate(datamodule.prompt_items()):
                 check_generation_fits(len(item["input_ids"]), max_new, module.max_positions, f"prompt {index + 1}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -86,8 +87,9 @@ def test_repeats_run_every_workload_in_each_round_on_a_cpu(tmp_path, book_path):
     out = tmp_path / "bench"
     command = [sys.executable, str(REPO_ROOT / "benchmarks/speed_side_by_side.py"), "--out", str(out)]
     command += ["--source", "tiny", "--steps", "2", "--warmup", "1", "--repeats", "2"]
-    command += ["--only", "fit:configs/tiny.yaml"]
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    command += ["--only", "fit:configs/tiny.yaml", "unsloth"]
+    environment = {key: value for key, value in os.environ.items() if key != bench.UNSLOTH_SITE_ENV}
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=environment)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     for round_folder in ("round-1", "round-2"):
         (result_file,) = (out / round_folder).glob("*.json")
@@ -96,6 +98,22 @@ def test_repeats_run_every_workload_in_each_round_on_a_cpu(tmp_path, book_path):
     rates = summary["results"]["fit:configs/tiny.yaml"]["rounds_tokens_per_s"]
     assert len(rates) == 2 and all(rate > 0 for rate in rates)
     assert len(summary["rounds"]) == 2
+    assert "unsloth not installed" in summary["results"]["unsloth"]["skipped"]  # the peer's row, said skipped
+    assert "| unsloth | skipped: unsloth not installed" in done.stdout
+
+
+def test_qlora_recipes_are_set_beside_unsloth_measured_in_the_same_run():
+    fast, lean = "fit:configs/finetune/qlora-fast.yaml", "fit:configs/finetune/qlora-lean.yaml"
+    results = {
+        "unsloth": {"tokens_per_s": 10_000.0, "peak_allocated_gib": 20.0},
+        "unsloth:checkpointing": {"tokens_per_s": 8_000.0, "peak_allocated_gib": 5.0},
+        fast: {"tokens_per_s": 15_000.0, "peak_allocated_gib": 22.0},
+        lean: {"tokens_per_s": 10_400.0, "peak_allocated_gib": 5.5},
+    }
+    rows = {line.split(" |")[0][2:]: line for line in bench.summary_table(results).splitlines()[2:]}
+    assert "x1.50 unsloth at x1.10 its memory" in rows[fast]
+    assert "x1.30 unsloth:checkpointing at x1.10 its memory" in rows[lean]
+    assert bench.peer_note(fast, results[fast], {}) == ""  # no peer in the run: nothing claimed
 
 
 def test_repeats_below_one_are_refused():
@@ -214,3 +232,35 @@ def test_the_phase_timer_refuses_a_file_as_its_dump_folder_before_training(tmp_p
         GpuPhaseTimer(dump_dir=str(taken))
     assert taken.read_text() == "kept"
     GpuPhaseTimer(dump_dir=str(tmp_path / "new"))  # a missing folder is made when training ends
+
+
+def test_the_step_profile_puts_each_kernel_in_one_bucket_and_counts_idle_time_once():
+    import step_profile
+
+    kernels = [
+        ("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>", 0.0, 100.0),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", 100.0, 600.0),
+        ("triton_poi_fused_add_mul_0", 550.0, 650.0),  # overlaps the GEMM by 50 us: counted once as busy
+        ("flash_fwd_kernel", 700.0, 800.0),
+        ("_liger_cross_entropy_kernel", 800.0, 900.0),
+        ("void at::native::multi_tensor_apply_kernel<adam>", 900.0, 950.0),
+        ("Memcpy HtoD (Pageable -> Device)", 950.0, 960.0),
+    ]
+    result = step_profile.breakdown(kernels, step_ms=[1.0])
+    ms = result["ms_per_step"]
+    assert ms["matrix products"] == 0.5 and ms["nf4 dequantize"] == 0.1 and ms["attention"] == 0.1
+    assert ms["loss"] == 0.1 and ms["optimizer"] == 0.05 and ms["elementwise and norms"] == 0.1
+    assert ms["copies"] == pytest.approx(0.01)
+    assert ms["idle"] == pytest.approx(1.0 - 0.91)  # 700 - 650 and 960 - 1000 us uncovered
+    assert next(iter(ms)) == "matrix products"  # largest first
+
+
+def test_the_headline_of_benchmarks_md_is_the_one_its_json_makes():
+    """BENCHMARKS.md's first table is made from the runs' JSON (benchmarks/headline.py --write): a JSON file
+    changed, added or removed without the table made again fails here."""
+    import headline
+
+    current = headline.BENCHMARKS.read_text()
+    assert headline.with_headline(current, headline.headline(headline.load_runs())) == current
+    for run in headline.load_runs():  # every run says when, at which commit and with which command it ran
+        assert {"date", "commit", "command"} <= set(run.get("run", {})), run["folder"]

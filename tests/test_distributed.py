@@ -190,8 +190,9 @@ def test_a_strategy_that_cannot_run_is_refused_before_weights_load(tmp_path, mon
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
     from foundation import ConfigError
+    from lightning_modules import ModelSpec
+    from lightning_modules.execution_plan import Platform, resolve_plan
     from smarter.cli import main
-    from smarter.lightning_cli import check_strategy_fits_compile, check_strategy_fits_quantization
 
     bf16 = FSDPPrecision("bf16-true")
 
@@ -199,6 +200,13 @@ def test_a_strategy_that_cannot_run_is_refused_before_weights_load(tmp_path, mon
         @property
         def root_device(self) -> torch.device:
             return torch.device("cuda", 0)
+
+    def check_strategy_fits_quantization(strategy, quantization, quant_storage):
+        spec = ModelSpec(source="tiny", quantization=quantization, quant_storage=quant_storage)
+        resolve_plan(spec, "fit", Platform.detect(strategy))
+
+    def check_strategy_fits_compile(strategy, compile_mode):
+        resolve_plan(ModelSpec(source="tiny", compile=compile_mode), "fit", Platform.detect(strategy))
 
     with pytest.raises(ConfigError, match="shards floating-point tensors only; set model.quant_storage: bfloat16"):
         check_strategy_fits_quantization(FSDPOnAGpu(precision_plugin=bf16), "nf4", "uint8")
@@ -217,7 +225,7 @@ def test_a_strategy_that_cannot_run_is_refused_before_weights_load(tmp_path, mon
     with pytest.raises(ConfigError, match="layers-cudagraphs cannot run under FSDPOnAGpu"):
         check_strategy_fits_compile(FSDPOnAGpu(precision_plugin=bf16), "layers-cudagraphs")
     check_strategy_fits_compile(FSDPOnAGpu(precision_plugin=bf16), "layers")
-    check_strategy_fits_compile(DDPStrategy(), "layers-cudagraphs")  # measured on 2 H200s: 1.89x
+    check_strategy_fits_compile(DDPStrategy(parallel_devices=[torch.device("cuda", 0)]), "layers-cudagraphs")
 
     monkeypatch.chdir(tmp_path)
     fsdp = str(REPO_ROOT / "configs/distributed/fsdp-qlora.yaml")
@@ -358,7 +366,8 @@ def test_a_signal_to_one_process_in_validate_stops_both_after_the_same_batch(tmp
 def test_layers_compiled_inside_ddp_are_the_graphs_one_process_compiles(monkeypatch):
     """Dynamo's DDP optimizer cuts any graph compiled inside DDP's forward where DDP's buckets end (the
     first holds 1 MB): a decoder layer with more trainable weight than that compiled as two graphs under DDP
-    and one without. ``compile_layers`` turns the cut off. Counted with a backend that records each graph
+    and one without. ``compile_layers`` keeps each layer whole where the plan says so (under DDP), with the
+    process's own dynamo settings untouched. Counted with a backend that records each graph
     (CPU, one gloo process); the layers' LoRA here holds 1.2 MB, as a 7B layer's holds 5.2 MB."""
     import torch._dynamo
     import torch.distributed as dist
@@ -380,18 +389,16 @@ def test_layers_compiled_inside_ddp_are_the_graphs_one_process_compiles(monkeypa
         return real_compile(fn, backend=counting_backend)
 
     monkeypatch.setattr(torch, "compile", compile_counting)
-    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)  # torch's default (restored afterwards)
+    assert torch._dynamo.config.optimize_ddp is True  # torch's default: the cut is on unless a layer says otherwise
 
-    def graphs_of_one_step(under_ddp: bool, split_again: bool = False) -> list[int]:
+    def graphs_of_one_step(under_ddp: bool, whole: bool = True) -> list[int]:
         torch._dynamo.reset()
         graphs.clear()
         module = MistralModule(source="tiny", dtype="float32", lora=LoraSettings(r=128, alpha=256))
         module.configure_model()
         trainable = sum(p.numel() * p.element_size() for p in module.model.parameters() if p.requires_grad)
         assert trainable / 2 > 2**20  # each of the 2 layers: more than DDP's first bucket
-        compile_layers(module.model, cuda_graphs=True)
-        if split_again:  # as before compile_layers turned the DDP optimizer off
-            torch._dynamo.config.optimize_ddp = True
+        compile_layers(module.model, cuda_graphs=True, whole_under_ddp=whole)
         model = DistributedDataParallel(module.model) if under_ddp else module.model
         model(input_ids=torch.randint(0, 100, (1, 8))).logits.sum().backward()
         return list(graphs)
@@ -400,9 +407,10 @@ def test_layers_compiled_inside_ddp_are_the_graphs_one_process_compiles(monkeypa
     try:
         alone = graphs_of_one_step(under_ddp=False)
         under_ddp = graphs_of_one_step(under_ddp=True)
-        split = graphs_of_one_step(under_ddp=True, split_again=True)
+        split = graphs_of_one_step(under_ddp=True, whole=False)
     finally:
         dist.destroy_process_group()
         torch._dynamo.reset()
     assert under_ddp == alone
+    assert torch._dynamo.config.optimize_ddp is True  # switched off only around the layers' calls
     assert len(split) > len(alone)  # what the DDP optimizer did: the same layers, cut into more graphs

@@ -262,3 +262,15 @@ def test_qlora_on_two_gpus_trains_checkpoints_once_and_exports_the_adapter(strat
     assert b_norms and min(b_norms) > 0
     with torch.no_grad():
         assert torch.isfinite(reloaded(_ids()).logits).all()
+
+
+@needs_gpu
+def test_offloaded_checkpointing_on_a_gpu_gives_the_gradients_of_no_checkpointing():
+    """Each layer's input goes to pinned host memory on a side stream and comes back for its recomputation."""
+    from test_module import _offload_step
+
+    loss, grads = _offload_step("off", "cuda")
+    offloaded_loss, offloaded_grads = _offload_step("offload", "cuda")
+    assert offloaded_loss == pytest.approx(loss, rel=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(offloaded_grads[name], grad, rtol=1e-4, atol=1e-6)

@@ -58,14 +58,15 @@ def test_the_routed_decode_step_gives_the_library_steps_logits(interpreted):
 
 
 def test_auto_takes_the_kernel_for_the_compiled_decoder_on_a_gpu_only():
-    from lightning_modules.generation import resolve_matvec
+    from lightning_modules.execution_plan import Platform, resolve_decoding
 
-    gpu, cpu = torch.device("cuda"), torch.device("cpu")
-    assert resolve_matvec("auto", "static-compiled", gpu) == "triton"
-    assert resolve_matvec("auto", "static", gpu) == "library"  # the uncompiled static loop stays the library's
-    assert resolve_matvec("auto", "dynamic", gpu) == "library"
-    assert resolve_matvec("auto", "static-compiled", cpu) == "library"
-    assert resolve_matvec("library", "static-compiled", gpu) == "library"
+    gpu, cpu = Platform(device="cuda", capability=(9, 0), triton=True), Platform(device="cpu", triton=True)
+    assert resolve_decoding("static-compiled", "auto", gpu) == ("static-compiled", "triton")
+    assert resolve_decoding("static", "auto", gpu)[1] == "library"  # the uncompiled static loop stays the library's
+    assert resolve_decoding("dynamic", "auto", gpu)[1] == "library"
+    assert resolve_decoding("static", "auto", cpu)[1] == "library"
+    assert resolve_decoding("static-compiled", "library", gpu)[1] == "library"
+    assert resolve_decoding("static-compiled", "auto", Platform(device="cuda", triton=False))[1] == "library"
 
 
 def _half_bits_to_float(bits: int, half: str) -> float:

@@ -246,14 +246,20 @@ def test_adapters_compute_in_the_base_dtype_with_float32_weights_and_gradients()
 
 
 def test_adapter_compute_auto_is_the_base_dtype_on_a_gpu_only():
-    from lightning_modules.fast_paths import resolve_adapter_compute
+    from lightning_modules import ModelSpec
+    from lightning_modules.execution_plan import Platform, resolve_plan
 
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert resolve_adapter_compute("auto", cuda, torch.bfloat16) is torch.bfloat16
-    assert resolve_adapter_compute("auto", cpu, torch.bfloat16) is None
-    assert resolve_adapter_compute("base-dtype", cpu, torch.float16) is torch.float16
-    assert resolve_adapter_compute("float32", cuda, torch.bfloat16) is None
-    assert resolve_adapter_compute("base-dtype", cuda, torch.float32) is None  # nothing to mix with
+    cuda, cpu = Platform(device="cuda", capability=(9, 0)), Platform(device="cpu")
+
+    def computes(compute: str, platform: Platform, dtype: str = "bfloat16"):
+        spec = ModelSpec(source="tiny", dtype=dtype, lora=LoraSettings(compute=compute))
+        return resolve_plan(spec, "fit", platform).adapter_dtype
+
+    assert computes("auto", cuda) is torch.bfloat16
+    assert computes("auto", cpu) is None
+    assert computes("base-dtype", cpu, "float16") is torch.float16
+    assert computes("float32", cuda) is None
+    assert computes("base-dtype", cuda, "float32") is None  # nothing to mix with
 
 
 class _GradNormRecorder(L.Callback):
@@ -336,30 +342,34 @@ def test_cuda_graphed_layers_replay_graphs_only_in_passes_that_build_gradients(m
     assert torch.equal(trained.detach(), evaluated)  # the same layer code on either path
 
 
-class _GradientTensorsSeen(L.Callback):
-    """At each training batch's start: whether every trainable weight holds a gradient tensor, and which."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[bool, list[int]]] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        grads = [p.grad for p in pl_module.trainable_parameters()]
-        self.seen.append((all(g is not None for g in grads), [g.data_ptr() for g in grads if g is not None]))
-
-
-def test_gradients_out_of_cuda_graphs_keep_their_tensors_across_a_mid_epoch_validation(book_path, monkeypatch):
-    """With CUDA-graph layers each weight's gradient is allocated once and zeroed in place: a weight without
-    one takes the graph's output as its gradient, which the next replay overwrites. Lightning drops every
-    gradient before a validation inside fit, and qlora-fast crashed at the first step after its mid-epoch
-    validation. (The GPU path is stood in for: only the switch that says gradients come from graphs is set.)"""
-    monkeypatch.setattr(MistralModule, "_gradients_from_cuda_graphs", lambda self: True)
-    module = MistralModule(source="tiny", dtype="float32", lora=LoraSettings(r=4, alpha=8), warmup_steps=0)
-    seen = _GradientTensorsSeen()
-    trainer = cpu_trainer(
-        callbacks=[seen], max_steps=4, limit_train_batches=4, limit_val_batches=1, val_check_interval=2
+def _offload_step(mode: str, device: str = "cpu") -> tuple[float, dict[str, torch.Tensor]]:
+    """One forward and backward of a tiny LoRA model (dropout on: the recomputation must draw the same masks)."""
+    module = MistralModule(
+        source="tiny",
+        dtype="float32",
+        lora=LoraSettings(r=4, alpha=8, dropout=0.1),
+        activation_checkpointing=mode,
+        keep_last_layers=0,
     )
-    trainer.fit(module, datamodule=TreasureIslandDataModule(block_size=64, batch_size=2))
-    assert trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.completed >= 1  # it validated mid-epoch
-    assert len(seen.seen) == 4
-    assert all(every for every, _ in seen.seen)
-    assert len({tuple(pointers) for _, pointers in seen.seen}) == 1  # the same tensors, zeroed in place
+    module.resolve_plan("fit", torch.device(device))
+    torch.manual_seed(0)  # the same adapter weights in every run
+    module.model = module.build_model(torch.device(device))
+    module.model.train()
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(3)).to(device)
+    torch.manual_seed(7)
+    nll_sum, tokens = module.token_nll({"input_ids": ids, "labels": ids.roll(-1, dims=1)})
+    (nll_sum / tokens).backward()
+    grads = {name: p.grad.detach().cpu() for name, p in module.model.named_parameters() if p.requires_grad}
+    return float(nll_sum.detach() / tokens), grads
+
+
+def test_offloaded_checkpointing_recomputes_the_same_loss_and_gradients():
+    """Each layer is recomputed in backward from its kept input, dropout masks included: the gradients of every
+    adapter are the uncheckpointed run's (a CPU keeps the input in place; tests/test_gpu.py copies it to host)."""
+    loss, grads = _offload_step("off")
+    offloaded_loss, offloaded_grads = _offload_step("offload")
+    assert offloaded_loss == loss
+    assert grads.keys() == offloaded_grads.keys() and len(grads) > 0
+    assert all(grad.abs().sum() > 0 for name, grad in grads.items() if "lora_B" in name)  # (A's are 0: B starts 0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(offloaded_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -185,28 +185,40 @@ def test_a_model_built_to_decode_leaves_out_liger_and_compiled_layers(monkeypatc
     against 186 without): under `kernels: auto`, a model built to decode with it leaves Liger out."""
     from types import SimpleNamespace
 
-    import lightning_modules.mistral_module as mistral_module
     from lightning_modules import MistralModule
-    from lightning_modules.fast_paths import kernels_for_decoding
+    from lightning_modules.execution_plan import Platform, resolve_plan
+    from lightning_modules.generation import GenerationSettings
 
-    assert kernels_for_decoding("auto", "static-compiled") == "off"
-    assert kernels_for_decoding("auto", "dynamic") == "auto"  # the eager loop keeps the fused kernels
-    assert kernels_for_decoding("liger", "static-compiled") == "liger"  # asked for by name: kept
+    gpu = Platform(device="cuda", capability=(9, 0), liger=True, triton=True)
+
+    def kernels(configured: str, decoder: str) -> str:
+        spec = ModelSpec(source="tiny", kernels=configured)
+        return resolve_plan(spec, "predict", gpu, decoder=decoder).kernels
+
+    assert kernels("auto", "static-compiled") == "off"
+    assert kernels("auto", "dynamic") == "liger"  # the eager loop keeps the fused kernels
+    assert kernels("liger", "static-compiled") == "liger"  # asked for by name: kept
 
     built = []
-    monkeypatch.setattr(mistral_module, "resolve_decoder", lambda decoder, device: "static-compiled")
+    monkeypatch.setattr(Platform, "detect", classmethod(lambda cls, where="cpu": gpu))
 
     def stand_in_build(self, device):
-        built.append((self.spec.kernels, self.spec.compile))
+        built.append((self.plan.kernels, self.plan.compile))
         return torch.nn.Linear(1, 1)
 
     monkeypatch.setattr(MistralModule, "build_model", stand_in_build)
     # and the layers are not compiled for predict (a new shape every token), only for fit
-    for fn, expected in (("predict", ("off", "off")), ("fit", ("auto", "layers-cudagraphs"))):
-        module = MistralModule(source="tiny", kernels="auto", compile="layers-cudagraphs")
+    for fn, expected in (("predict", ("off", "off")), ("fit", ("off", "layers-cudagraphs"))):
+        module = MistralModule(
+            source="tiny",
+            kernels="auto",
+            compile="layers-cudagraphs",
+            generation=GenerationSettings(decoder="static-compiled"),
+        )
         module._trainer = SimpleNamespace(state=SimpleNamespace(fn=fn), strategy=SimpleNamespace(root_device="cpu"))
         module.configure_model()
         assert built.pop() == expected
+        assert module.spec.kernels == "auto" and module.spec.compile == "layers-cudagraphs"  # the spec as saved
 
 
 def test_grouped_decode_attention_gives_transformers_sdpa_output_without_copying_the_cache(monkeypatch):
@@ -214,13 +226,15 @@ def test_grouped_decode_attention_gives_transformers_sdpa_output_without_copying
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from lightning_modules.generation import grouped_decode_attention, grouped_sdpa_attention
+    from lightning_modules.generation import grouped_sdpa_attention
+    from lightning_modules.matvec_kernels import DecodeRouting
 
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(1, 8, 1, 16, generator=generator)
     key, value = torch.randn(2, 1, 2, 24, 16, generator=generator)
     mask = torch.arange(24).view(1, 1, 1, 24) <= 13  # a static cache filled up to position 13
-    module = SimpleNamespace(num_key_value_groups=4, is_causal=True, training=False)
+    routing = DecodeRouting()
+    module = SimpleNamespace(num_key_value_groups=4, is_causal=True, training=False, _smarter_decode_routing=routing)
     expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
     shapes = []
     library_sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -230,16 +244,16 @@ def test_grouped_decode_attention_gives_transformers_sdpa_output_without_copying
         return library_sdpa(q, k, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
-    with grouped_decode_attention():
+    with routing.switched_on():
         got, _ = grouped_sdpa_attention(module, query, key, value, mask, scaling=0.25)
     assert got.shape == expected.shape == (1, 1, 8, 16)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert shapes == [((1, 2, 4, 16), (1, 2, 24, 16))]  # four queries per key/value head, the cache as it is
-    from lightning_modules import generation
+    import transformers.integrations.sdpa_attention as library
 
     calls = []
-    monkeypatch.setitem(generation._GROUPED, "library", lambda *args, **kwargs: calls.append(args) or ("lib", None))
+    monkeypatch.setattr(library, "sdpa_attention_forward", lambda *args, **kwargs: calls.append(args) or ("lib", None))
     assert grouped_sdpa_attention(module, query, key, value, mask, scaling=0.25)[0] == "lib"  # outside: transformers'
-    with grouped_decode_attention():  # two query tokens (a prompt): transformers' too
+    with routing.switched_on():  # two query tokens (a prompt): transformers' too
         assert grouped_sdpa_attention(module, query.expand(1, 8, 2, 16), key, value, None)[0] == "lib"
     assert len(calls) == 2

@@ -163,15 +163,23 @@ def test_an_empty_prompt_file_is_refused_before_any_variant_runs(tmp_path):
 def test_the_study_builds_each_variant_for_its_fast_decoder():
     """One model serves evaluation and both decoders; on a GPU the compiled decode step needs it built
     without Liger (kernels auto), on a CPU nothing changes."""
+    from unittest import mock
+
     import torch
 
-    from lightning_modules import ModelSpec
-    from smarter.study.probe import spec_for_the_study
+    from lightning_modules import MistralModule
+    from lightning_modules.execution_plan import Platform
+    from smarter.study.probe import plan_for_the_study
 
-    spec = ModelSpec(source="tiny", kernels="auto")
-    assert spec_for_the_study(spec, torch.device("cuda")).kernels == "off"
-    assert spec_for_the_study(spec, torch.device("cpu")).kernels == "auto"
-    assert spec_for_the_study(ModelSpec(source="tiny", kernels="liger"), torch.device("cuda")).kernels == "liger"
+    gpu = Platform(device="cuda", capability=(9, 0), liger=True, triton=True)
+    with mock.patch.object(Platform, "detect", classmethod(lambda cls, where="cpu": gpu)):
+        plan = plan_for_the_study(MistralModule(source="tiny", kernels="auto"), torch.device("cuda"))
+        assert (plan.kernels, plan.decoder, plan.matvec, plan.compile) == ("off", "static-compiled", "triton", "off")
+        assert (
+            plan_for_the_study(MistralModule(source="tiny", kernels="liger"), torch.device("cuda")).kernels == "liger"
+        )
+    on_cpu = plan_for_the_study(MistralModule(source="tiny", kernels="auto"), torch.device("cpu"))
+    assert (on_cpu.kernels, on_cpu.decoder, on_cpu.matvec) == ("off", "static", "library")
 
 
 def test_a_study_whose_every_variant_failed_exits_1_and_a_multi_line_reason_stays_in_its_cell(tmp_path, capsys):

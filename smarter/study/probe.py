@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -83,14 +83,16 @@ def parse_variant(cli_args: list[str]):
         raise ConfigError(" | ".join(errors)[-1500:] or "the variant's configuration was rejected") from None
 
 
-def spec_for_the_study(spec, device: torch.device):
-    """The variant's model spec as the study builds it: one model serves evaluation and both decoders, so
-    under ``kernels: auto`` it is built for the fast decoder (on a GPU, without Liger: see
-    ``kernels_for_decoding``)."""
-    from lightning_modules.fast_paths import kernels_for_decoding
+def plan_for_the_study(module, device: torch.device):
+    """The variant's execution plan as the study builds it: one model serves evaluation and both decoders, so it
+    is the plan to predict with the fast decoder (``fast_decoder_kind``; on a GPU, under ``kernels: auto``,
+    without Liger, whose RMSNorm would split the compiled step's graph)."""
+    from lightning_modules.execution_plan import Platform, resolve_plan
     from lightning_modules.measurement import fast_decoder_kind
 
-    return replace(spec, kernels=kernels_for_decoding(spec.kernels, fast_decoder_kind(device)))
+    return resolve_plan(
+        module.spec, "predict", Platform.detect(device), loss=module.hparams.loss, decoder=fast_decoder_kind(device)
+    )
 
 
 def load_variant(result: VariantResult, cli, device: torch.device) -> None:
@@ -98,7 +100,7 @@ def load_variant(result: VariantResult, cli, device: torch.device) -> None:
     from lightning_modules.model_building import prepare_preset_weights
 
     module = cli.model
-    module.spec = spec_for_the_study(module.spec, device)
+    module.plan = plan_for_the_study(module, device)
     prepare_preset_weights(module.spec, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -1,0 +1,152 @@
+"""BENCHMARKS.md's headline table, made from the benchmark's own JSON so that it cannot go stale.
+
+Each row is one target: a figure of this framework beside its baseline or peer measured in the same run of
+``benchmarks/speed_side_by_side.py``, their ratio, and the GPU, date, commit and command of that run. The
+runs are the ``summary.json`` files under ``docs/benchmarks/headline/`` (one folder per run); for each row
+the newest run that holds both workloads is used.
+
+    python benchmarks/headline.py            # print the table
+    python benchmarks/headline.py --write    # put it in BENCHMARKS.md, between its markers
+    python benchmarks/headline.py --check    # exit 1 when BENCHMARKS.md's table is not the JSON's
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = REPO / "docs" / "benchmarks" / "headline"
+BENCHMARKS = REPO / "BENCHMARKS.md"
+START = "<!-- headline: made by benchmarks/headline.py from docs/benchmarks/headline/*/summary.json; do not edit -->"
+END = "<!-- /headline -->"
+QLORA_FAST = "fit:configs/finetune/qlora-fast.yaml"
+QLORA_LEAN = "fit:configs/finetune/qlora-lean.yaml"
+DECODE_NF4 = "decode:configs/variants/nf4-sdpa.yaml --model.kernels off"
+DECODE_BF16 = "decode:configs/variants/bf16-sdpa.yaml --model.kernels off"
+# FLOPs of a trained 7B token with LoRA (forward, backward through the frozen weights; recomputation not
+# counted), and the dense bf16 matrix-product rate measured on these H100/H200s
+TRAIN_FLOPS_PER_TOKEN = 4 * 7.2417e9
+MATMUL_TFLOPS = 783.0
+
+
+@dataclass(frozen=True)
+class Row:
+    """One target: ``workload``'s ``metric`` against ``baseline``'s (``None``: against the FLOP ceiling)."""
+
+    what: str
+    workload: str
+    baseline: str | None
+    metric: str = "tokens_per_s"
+    target: str = ""
+    baseline_metric: str | None = None  # the baseline's own figure, when not ``metric``
+
+
+ROWS = [
+    Row("QLoRA 7B fine-tuning, fastest recipe, vs plain transformers + peft", QLORA_FAST, "plain-qlora:dropout=0"),
+    Row("QLoRA 7B fine-tuning, fastest recipe, vs unsloth (no checkpointing)", QLORA_FAST, "unsloth", target="≥ 1.5x"),
+    Row("... its peak memory vs unsloth's", QLORA_FAST, "unsloth", "peak_allocated_gib", "≤ 1.2x"),
+    Row("... its share of the FLOP ceiling", QLORA_FAST, None, target="≥ 65 %"),
+    Row("QLoRA 7B, lean recipe, vs unsloth's offloaded checkpointing", QLORA_LEAN, "unsloth:checkpointing",
+        target="≥ 1.3x"),
+    Row("... its peak memory vs unsloth's offloaded checkpointing", QLORA_LEAN, "unsloth:checkpointing",
+        "peak_allocated_gib", "≤ 1.0x"),
+    Row("QLoRA 7B, the default recipe, vs plain transformers + peft", "fit:configs/finetune/qlora.yaml", "plain-qlora"),
+    Row("bf16 LoRA 7B, fastest recipe, vs plain transformers + peft", "fit:configs/finetune/lora-bf16-fast.yaml",
+        "plain-lora-bf16"),
+    Row("Batch-1 greedy decode, nf4 7B (median prompt), vs transformers' generate", DECODE_NF4, DECODE_NF4,
+        "generate_tokens_per_s", baseline_metric="hf_generate_tokens_per_s"),
+    Row("Batch-1 greedy decode, bf16 7B (median prompt), vs transformers' generate", DECODE_BF16, DECODE_BF16,
+        "generate_tokens_per_s", baseline_metric="hf_generate_tokens_per_s"),
+]  # fmt: skip
+
+
+def load_runs(folder: Path = RUNS) -> list[dict]:
+    """Every run's summary, newest first (by its recorded date)."""
+    runs = []
+    for path in sorted(folder.glob("*/summary.json")):
+        summary = json.loads(path.read_text())
+        summary["folder"] = str(path.parent.relative_to(REPO)) if path.is_relative_to(REPO) else str(path.parent)
+        runs.append(summary)
+    return sorted(runs, key=lambda run: run.get("run", {}).get("date", ""), reverse=True)
+
+
+def _figure(result: dict, metric: str) -> float | None:
+    """A result's figure; the median of a list of them (one per prompt)."""
+    value = result.get(metric)
+    if isinstance(value, list) and value and all(isinstance(v, int | float) for v in value):
+        value = statistics.median(value)
+    return float(value) if isinstance(value, int | float) and "error" not in result else None
+
+
+def headline(runs: list[dict]) -> str:
+    """The table: one line per row that some run measured, with its source."""
+    lines = [
+        "| target | ours | against | ratio | aim | GPU | date | commit | run |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    commands: dict[str, str] = {}
+    for row in ROWS:
+        for run in runs:
+            results = run.get("results", {})
+            ours = _figure(results.get(row.workload, {}), row.metric)
+            theirs = _figure(results.get(row.baseline, {}), row.baseline_metric or row.metric) if row.baseline else None
+            if ours is None or (row.baseline and theirs is None):
+                continue
+            info = run.get("run", {})
+            memory = row.metric == "peak_allocated_gib"
+
+            def shown(value: float) -> str:
+                return f"{value:,.2f} GiB" if memory else f"{value:,.0f} tok/s"  # noqa: B023
+
+            if row.baseline:
+                name = "transformers' generate" if row.baseline_metric else row.baseline
+                against, ratio = f"{shown(theirs)} ({name})", f"{ours / theirs:.2f}x"
+            else:
+                ceiling = MATMUL_TFLOPS * 1e12 / TRAIN_FLOPS_PER_TOKEN
+                against = f"{shown(ceiling)} (4 x 7.24 GFLOP a token at {MATMUL_TFLOPS:.0f} TFLOP/s)"
+                ratio = f"{ours / ceiling:.0%}"
+            gpu = run.get("versions", {}).get("gpu", "?").removeprefix("NVIDIA ")
+            folder = run["folder"]
+            commands[folder] = info.get("command", "?")
+            cells = [row.what, shown(ours), against, ratio, row.target or "–", gpu, info.get("date", "?")[:10]]
+            cells += [info.get("commit", "?")[:7], f"[{Path(folder).name}]({folder})"]
+            lines.append("| " + " | ".join(cells) + " |")
+            break
+    lines.append("")
+    lines += [f"- `{Path(folder).name}`: `{command}`" for folder, command in commands.items()]
+    return "\n".join(lines)
+
+
+def with_headline(document: str, table: str) -> str:
+    """``document`` with the text between the markers replaced by ``table``."""
+    if START not in document or END not in document:
+        raise SystemExit(f"BENCHMARKS.md lacks the markers {START!r} and {END!r}")
+    before, rest = document.split(START, 1)
+    _, after = rest.split(END, 1)
+    return f"{before}{START}\n{table}\n{END}{after}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true", help="put the table in BENCHMARKS.md")
+    parser.add_argument("--check", action="store_true", help="exit 1 if BENCHMARKS.md's table is not the JSON's")
+    args = parser.parse_args()
+    table = headline(load_runs())
+    if args.write:
+        BENCHMARKS.write_text(with_headline(BENCHMARKS.read_text(), table))
+    elif args.check:
+        current = BENCHMARKS.read_text()
+        if with_headline(current, table) != current:
+            print("BENCHMARKS.md's headline is not the one its JSON makes: run python benchmarks/headline.py --write")
+            sys.exit(1)
+    else:
+        print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -111,6 +111,7 @@ class StepProfile(L.Callback):
         self.started: float | None = None
         self.step_ms: list[float] = []
         self.tokens = 0
+        self.shape: tuple[int, int] | None = None  # (rows, tokens) of a traced batch
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.skip and self.profiler is None:
@@ -120,6 +121,7 @@ class StepProfile(L.Callback):
             torch.cuda.synchronize(pl_module.device)
             self.started = time.perf_counter()
             self.tokens += int((batch["labels"] != -100).sum())
+            self.shape = tuple(batch["input_ids"].shape)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.started is None:
@@ -139,7 +141,7 @@ class StepProfile(L.Callback):
         ]
         result = breakdown(kernels, self.step_ms)
         config = pl_module.model_config
-        rows, tokens = next(iter(trainer.train_dataloader))["input_ids"].shape
+        rows, tokens = self.shape
         lora = pl_module.spec.lora
         if lora is not None:
             kv = config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)

@@ -7,7 +7,7 @@ skinny products run as GEMMs too and cannot be told from the base's by a kernel'
 
 Add it to any ``smarter fit`` as a callback (through the command, as a user runs it):
 
-    smarter fit -c configs/finetune/qlora-fast.yaml --trainer.max_steps 12 --trainer.limit_val_batches 0 \\
+    PYTHONPATH=. smarter fit -c configs/finetune/qlora-fast.yaml --trainer.max_steps 12 --trainer.limit_val_batches 0 \\
         --trainer.callbacks+=benchmarks.step_profile.StepProfile --trainer.callbacks.init_args.out profile.json
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from foundation import atomic_write_json
+from foundation import atomic_write_json, synchronize
 
 # name fragments (lower case) of each bucket, tried in this order; the first that matches takes the kernel
 BUCKETS = [
@@ -115,10 +115,11 @@ class StepProfile(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.skip and self.profiler is None:
-            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            activity = "CUDA" if pl_module.device.type == "cuda" else "CPU"  # a CPU run: its operators (smoke test)
+            self.profiler = torch.profiler.profile(activities=[getattr(torch.profiler.ProfilerActivity, activity)])
             self.profiler.__enter__()
         if self.profiler is not None and len(self.step_ms) < self.steps:
-            torch.cuda.synchronize(pl_module.device)
+            synchronize(pl_module.device)
             self.started = time.perf_counter()
             self.tokens += int((batch["labels"] != -100).sum())
             self.shape = tuple(batch["input_ids"].shape)
@@ -126,7 +127,7 @@ class StepProfile(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.started is None:
             return
-        torch.cuda.synchronize(pl_module.device)
+        synchronize(pl_module.device)
         self.step_ms.append(1000 * (time.perf_counter() - self.started))
         self.started = None
         if len(self.step_ms) == self.steps:
@@ -134,16 +135,19 @@ class StepProfile(L.Callback):
             self._write(trainer, pl_module)
 
     def _write(self, trainer, pl_module) -> None:
+        device_type = (
+            torch.autograd.DeviceType.CUDA if pl_module.device.type == "cuda" else torch.autograd.DeviceType.CPU
+        )
         kernels = [
             (event.name, event.time_range.start, event.time_range.end)
             for event in self.profiler.events()
-            if event.device_type == torch.autograd.DeviceType.CUDA
+            if event.device_type == device_type
         ]
         result = breakdown(kernels, self.step_ms)
         config = pl_module.model_config
         rows, tokens = self.shape
         lora = pl_module.spec.lora
-        if lora is not None:
+        if lora is not None and pl_module.device.type == "cuda":
             kv = config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
             result["lora_products_ms"] = lora_products_ms(
                 config.hidden_size,
@@ -156,7 +160,7 @@ class StepProfile(L.Callback):
             )
         result["scored_tokens_per_s"] = self.tokens / (sum(self.step_ms) / 1000)
         result["plan"] = pl_module.plan.choices() if pl_module.plan is not None else None
-        result["gpu"] = torch.cuda.get_device_name(pl_module.device)
+        result["gpu"] = torch.cuda.get_device_name(pl_module.device) if pl_module.device.type == "cuda" else "cpu"
         atomic_write_json(Path(self.out), result)
         lines = [f"step {result['step_ms']:.1f} ms, {result['kernels_per_step']:.0f} kernels a step:"]
         lines += [

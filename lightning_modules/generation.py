@@ -361,7 +361,7 @@ GROUPED_ATTENTION = "smarter_grouped_sdpa"  # the name it is registered under wi
 
 
 def use_grouped_decode_attention(model: torch.nn.Module) -> bool:
-    """Make an SDPA model's attention ``grouped_sdpa_attention``, registered (once) under this framework's own
+    """Make an SDPA model's attention ``grouped_sdpa_attention``, registered under this framework's own
     name with transformers' SDPA mask; each attention module is given the model's ``DecodeRouting``. Other
     models, and everything but the one-query steps of the static decoder, keep transformers' own SDPA.
     Returns whether the model uses it."""
@@ -371,9 +371,8 @@ def use_grouped_decode_attention(model: torch.nn.Module) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if base.config._attn_implementation not in ("sdpa", GROUPED_ATTENTION):
         return False
-    if GROUPED_ATTENTION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(GROUPED_ATTENTION, grouped_sdpa_attention)
-        AttentionMaskInterface.register(GROUPED_ATTENTION, sdpa_mask)
+    AttentionInterface.register(GROUPED_ATTENTION, grouped_sdpa_attention)  # the same entry each time
+    AttentionMaskInterface.register(GROUPED_ATTENTION, sdpa_mask)
     routing = decode_routing(model)
     for module in base.modules():
         if hasattr(module, "num_key_value_groups"):  # an attention module

@@ -155,13 +155,19 @@ def plain_lora(source: str, quantized: bool, steps: int, warmup: int, dropout: f
 UNSLOTH_SITE_ENV = "UNSLOTH_SITE"
 
 
+def unsloth_scratch() -> Path:
+    """Where unsloth's inputs and compiled code go: out of the results folder, which keeps only results."""
+    return Path(tempfile.gettempdir()) / "smarter-bench-unsloth"
+
+
 def unsloth_inputs(source: str, out: Path, steps: int) -> tuple[Path, Path]:
     """A folder with the preset's weights and an HF tokenizer (unsloth loads both from it), and the training
-    batches as a file: unsloth's process has none of this project's packages to make them."""
+    batches as a file, in ``out``: unsloth's process has none of this project's packages to make them."""
     from lightning_modules.tokenizers import load_tokenizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     weights = Path(_preset_folder(source, device))
+    out.mkdir(parents=True, exist_ok=True)
     folder = out / f"unsloth-model-{source}"
     if not folder.is_dir():
         folder.mkdir(parents=True)
@@ -233,7 +239,7 @@ def unsloth_lora(folder: str, blocks_file: str, steps: int, warmup: int, checkpo
         "tokens_per_s": timed_tokens / timed_s,
         "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
         "timed_steps": steps,
-        "final_loss": float(loss),
+        "final_loss": float(loss.detach()),
         "unsloth": metadata.version("unsloth"),
     }
 
@@ -404,10 +410,9 @@ def qlora_export_check(source: str, steps: int) -> dict:
 
 def run_workload(name: str, args: argparse.Namespace) -> dict:
     if name.startswith("unsloth"):
-        folder, blocks = (
-            Path(args.out) / f"unsloth-model-{args.source}",
-            Path(args.out) / blocks_file_name(args.source, args.warmup + args.steps),
-        )
+        scratch = unsloth_scratch()
+        folder = scratch / f"unsloth-model-{args.source}"
+        blocks = scratch / blocks_file_name(args.source, args.warmup + args.steps)
         return unsloth_lora(str(folder), str(blocks), args.steps, args.warmup, name == "unsloth:checkpointing")
     if name == "qlora-export":
         return qlora_export_check(args.source, args.steps)
@@ -590,11 +595,11 @@ def run_round(args: argparse.Namespace, out: Path, started: float, results: dict
             if not os.environ.get(UNSLOTH_SITE_ENV) and importlib.util.find_spec("unsloth") is None:
                 results[name] = {"skipped": f"unsloth not installed (set ${UNSLOTH_SITE_ENV} to its kit's folder)"}
                 continue
-            unsloth_inputs(args.source, out, args.warmup + args.steps)
+            unsloth_inputs(args.source, unsloth_scratch(), args.warmup + args.steps)
             site = os.environ.get(UNSLOTH_SITE_ENV)
             if site:
                 env["PYTHONPATH"] = os.pathsep.join([site, str(REPO)])
-            env.setdefault("UNSLOTH_COMPILE_LOCATION", str(out / "unsloth_compiled_cache"))
+            env.setdefault("UNSLOTH_COMPILE_LOCATION", str(unsloth_scratch() / "compiled"))
             env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
             env.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
         began = time.monotonic()

@@ -238,6 +238,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.call, ctx.args, ctx.kwargs = call, args, kwargs
         ctx.hidden_needs_grad = hidden.requires_grad
         ctx.device = hidden.device
+        kind = hidden.device.type
+        # the recomputation runs in backward, outside the forward's autocast: it takes the same one again
+        ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         ctx.rng = torch.get_rng_state()
         ctx.device_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
         if hidden.is_cuda:
@@ -258,7 +261,12 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             hidden = ctx.kept
         hidden = hidden.detach().requires_grad_(ctx.hidden_needs_grad)
         devices = [ctx.device] if ctx.device_rng is not None else []
-        with torch.random.fork_rng(devices=devices, device_type=ctx.device.type), torch.enable_grad():
+        kind, autocast_on, autocast_dtype = ctx.autocast
+        with (
+            torch.random.fork_rng(devices=devices, device_type=ctx.device.type),
+            torch.enable_grad(),
+            torch.autocast(kind, dtype=autocast_dtype, enabled=autocast_on),
+        ):
             torch.set_rng_state(ctx.rng)  # the same dropout masks as the forward drew
             if ctx.device_rng is not None:
                 torch.cuda.set_rng_state(ctx.device_rng, ctx.device)

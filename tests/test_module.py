@@ -342,12 +342,14 @@ def test_cuda_graphed_layers_replay_graphs_only_in_passes_that_build_gradients(m
     assert torch.equal(trained.detach(), evaluated)  # the same layer code on either path
 
 
-def _offload_step(mode: str, device: str = "cpu") -> tuple[float, dict[str, torch.Tensor]]:
+def _offload_step(
+    mode: str, device: str = "cpu", dtype: str = "float32", compute: str = "auto"
+) -> tuple[float, dict[str, torch.Tensor]]:
     """One forward and backward of a tiny LoRA model (dropout on: the recomputation must draw the same masks)."""
     module = MistralModule(
         source="tiny",
-        dtype="float32",
-        lora=LoraSettings(r=4, alpha=8, dropout=0.1),
+        dtype=dtype,
+        lora=LoraSettings(r=4, alpha=8, dropout=0.1, compute=compute),
         activation_checkpointing=mode,
         keep_last_layers=0,
     )
@@ -363,11 +365,13 @@ def _offload_step(mode: str, device: str = "cpu") -> tuple[float, dict[str, torc
     return float(nll_sum.detach() / tokens), grads
 
 
-def test_offloaded_checkpointing_recomputes_the_same_loss_and_gradients():
-    """Each layer is recomputed in backward from its kept input, dropout masks included: the gradients of every
-    adapter are the uncheckpointed run's (a CPU keeps the input in place; tests/test_gpu.py copies it to host)."""
-    loss, grads = _offload_step("off")
-    offloaded_loss, offloaded_grads = _offload_step("offload")
+@pytest.mark.parametrize("dtype, compute", [("float32", "float32"), ("bfloat16", "base-dtype")])
+def test_offloaded_checkpointing_recomputes_the_same_loss_and_gradients(dtype, compute):
+    """Each layer is recomputed in backward from its kept input, dropout masks and the adapters' autocast included:
+    the gradients of every adapter are the uncheckpointed run's (a CPU keeps the input in place; tests/test_gpu.py
+    copies it to host memory and back)."""
+    loss, grads = _offload_step("off", dtype=dtype, compute=compute)
+    offloaded_loss, offloaded_grads = _offload_step("offload", dtype=dtype, compute=compute)
     assert offloaded_loss == loss
     assert grads.keys() == offloaded_grads.keys() and len(grads) > 0
     assert all(grad.abs().sum() > 0 for name, grad in grads.items() if "lora_B" in name)  # (A's are 0: B starts 0)

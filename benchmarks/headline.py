@@ -112,13 +112,15 @@ def headline(runs: list[dict]) -> str:
                 ratio = f"{ours / ceiling:.0%}"
             gpu = run.get("versions", {}).get("gpu", "?").removeprefix("NVIDIA ")
             folder = run["folder"]
-            commands[folder] = info.get("command", "?")
+            commands[folder] = info.get("command", "?") + (f" ({info['note']})" if info.get("note") else "")
             cells = [row.what, shown(ours), against, ratio, row.target or "–", gpu, info.get("date", "?")[:10]]
             cells += [info.get("commit", "?")[:7], f"[{Path(folder).name}]({folder})"]
             lines.append("| " + " | ".join(cells) + " |")
             break
     lines.append("")
-    lines += [f"- `{Path(folder).name}`: `{command}`" for folder, command in commands.items()]
+    for folder, command in commands.items():
+        shown, _, note = command.partition(" (")
+        lines.append(f"- `{Path(folder).name}`: `{shown}`" + (f" ({note}" if note else ""))
     return "\n".join(lines)
 
 

@@ -59,17 +59,19 @@ def test_extends_expands_bases_first_and_refuses_cycles_and_missing_bases(tmp_pa
         expand_config_arguments(["-c", str(child)])
 
 
-def test_help_lists_every_command_and_each_has_its_own_help(tmp_path):
-    listed = run_smarter("--help", cwd=tmp_path)
+def test_help_lists_every_command_and_each_has_its_own_help(tmp_path, capsys):
+    listed = run_smarter("--help", cwd=tmp_path)  # the command itself
     assert listed.returncode == 0
     for name in COMMANDS:
         assert f"  {name} " in listed.stdout
     assert {"fit", "validate", "test", "predict", "compare", "export"} <= set(COMMANDS)
-    compare_help = run_smarter("compare", "--help", cwd=tmp_path)
-    assert compare_help.returncode == 0 and "--variants" in compare_help.stdout
-    unknown = run_smarter("comapre", cwd=tmp_path)
-    assert unknown.returncode == 2
-    assert error_lines(unknown.stderr) == [
+    with pytest.raises(SystemExit) as compare_help:  # its entry point, in this process
+        main(["compare", "--help"])
+    assert compare_help.value.code == 0 and "--variants" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as unknown:
+        main(["comapre"])
+    assert unknown.value.code == 2
+    assert error_lines(capsys.readouterr().err) == [
         "smarter: error: unknown command 'comapre'; choose one of fit, validate, test, predict, compare, export "
         "(see `smarter --help`)"
     ]

@@ -269,7 +269,7 @@ def test_offloaded_checkpointing_on_a_gpu_gives_the_gradients_of_no_checkpointin
     """Each layer's input goes to pinned host memory on a side stream and comes back for its recomputation."""
     from test_module import _offload_step
 
-    loss, grads = _offload_step("off", "cuda", "bfloat16", "base-dtype")  # as qlora-offload: adapters under autocast
+    loss, grads = _offload_step("off", "cuda", "bfloat16", "base-dtype")  # adapters under autocast, as on a GPU
     offloaded_loss, offloaded_grads = _offload_step("offload", "cuda", "bfloat16", "base-dtype")
     assert offloaded_loss == pytest.approx(loss, rel=1e-6)
     for name, grad in grads.items():

@@ -121,22 +121,38 @@ def plain_lora(source: str, quantized: bool, steps: int, warmup: int, dropout: f
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=targets))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    batches = _training_blocks(source, warmup + steps)
+    batches = [(b["input_ids"].to(device), b["labels"].to(device)) for b in _training_blocks(source, warmup + steps)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timed_tokens, timed_s = 0, 0.0
-    model.train()
-    for index, batch in enumerate(batches):
-        ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        synchronize(device)
-        start = time.perf_counter()
+
+    def loss_of(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # bf16 autocast, as transformers' Trainer runs with bf16=True: prepare_model_for_kbit_training left
         # the norms and the LM head in fp32
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(input_ids=ids).logits
-        loss = torch.nn.functional.cross_entropy(
+        return torch.nn.functional.cross_entropy(
             logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
         )
+
+    tokens_per_s, final_loss = timed_training(model, optimizer, batches, warmup, device, loss_of)
+    return {
+        "tokens_per_s": tokens_per_s,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
+        "timed_steps": steps,
+        "final_loss": final_loss,
+    }
+
+
+def timed_training(model, optimizer, batches, warmup: int, device: torch.device, loss_of) -> tuple[float, float]:
+    """Train on ``batches`` (``(input_ids, labels)`` on ``device``), each step synchronized and timed after the first
+    ``warmup``; ``loss_of(input_ids, labels)`` is a step's loss, and each label other than ``IGNORE_INDEX`` a scored
+    token. Returns scored tokens per second and the last loss."""
+    timed_tokens, timed_s = 0, 0.0
+    model.train()
+    for index, (ids, labels) in enumerate(batches):
+        synchronize(device)
+        start = time.perf_counter()
+        loss = loss_of(ids, labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -144,12 +160,7 @@ def plain_lora(source: str, quantized: bool, steps: int, warmup: int, dropout: f
         if index >= warmup:
             timed_s += time.perf_counter() - start
             timed_tokens += int((labels != IGNORE_INDEX).sum())
-    return {
-        "tokens_per_s": timed_tokens / timed_s,
-        "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
-        "timed_steps": steps,
-        "final_loss": float(loss),
-    }
+    return timed_tokens / timed_s, float(loss.detach())
 
 
 UNSLOTH_SITE_ENV = "UNSLOTH_SITE"
@@ -160,28 +171,29 @@ def unsloth_scratch() -> Path:
     return Path(tempfile.gettempdir()) / "smarter-bench-unsloth"
 
 
-def unsloth_inputs(source: str, out: Path, steps: int) -> tuple[Path, Path]:
+def unsloth_paths(source: str, steps: int) -> tuple[Path, Path]:
+    """The folder unsloth loads the model from and the file of training batches, in ``unsloth_scratch()``."""
+    scratch = unsloth_scratch()
+    return scratch / f"unsloth-model-{source}", scratch / f"training-blocks-{source}-{steps}x{BATCH}x{BLOCK}.pt"
+
+
+def unsloth_inputs(source: str, steps: int) -> tuple[Path, Path]:
     """A folder with the preset's weights and an HF tokenizer (unsloth loads both from it), and the training
-    batches as a file, in ``out``: unsloth's process has none of this project's packages to make them."""
+    batches as a file: unsloth's process has none of this project's packages to make them."""
     from lightning_modules.tokenizers import load_tokenizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     weights = Path(_preset_folder(source, device))
-    out.mkdir(parents=True, exist_ok=True)
-    folder = out / f"unsloth-model-{source}"
+    folder, blocks = unsloth_paths(source, steps)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     if not folder.is_dir():
         folder.mkdir(parents=True)
         for file in weights.iterdir():
             (folder / file.name).symlink_to(file.resolve())
         load_tokenizer().save(folder)
-    blocks = out / blocks_file_name(source, steps)
     if not blocks.is_file():
         torch.save(_training_blocks(source, steps), blocks)
     return folder, blocks
-
-
-def blocks_file_name(source: str, steps: int) -> str:
-    return f"training-blocks-{source}-{steps}x{BATCH}x{BLOCK}.pt"
 
 
 def unsloth_lora(folder: str, blocks_file: str, steps: int, warmup: int, checkpointing: bool) -> dict:
@@ -212,34 +224,27 @@ def unsloth_lora(folder: str, blocks_file: str, steps: int, warmup: int, checkpo
         random_state=0,
     )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    batches = torch.load(blocks_file)[: warmup + steps]
-    torch.cuda.reset_peak_memory_stats(device)
-    timed_tokens, timed_s = 0, 0.0
-    model.train()
-    for index, batch in enumerate(batches):
-        ids = batch["input_ids"].to(device)
+    batches = []
+    for batch in torch.load(blocks_file)[: warmup + steps]:
         # the model shifts labels itself: position t + 1 of its labels is this block's target at t (the
         # block's last target, one of 1024, has no position to go to and is left out of the count)
         shifted = batch["labels"].to(device)
-        labels = torch.cat([torch.full_like(shifted[:, :1], IGNORE_INDEX), shifted[:, :-1]], dim=1)
-        synchronize(device)
-        start = time.perf_counter()
+        unshifted = torch.cat([torch.full_like(shifted[:, :1], IGNORE_INDEX), shifted[:, :-1]], dim=1)
+        batches.append((batch["input_ids"].to(device), unshifted))
+    torch.cuda.reset_peak_memory_stats(device)
+
+    def loss_of(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        synchronize(device)
-        if index >= warmup:
-            timed_s += time.perf_counter() - start
-            timed_tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
+            return model(input_ids=ids, labels=labels).loss
+
+    tokens_per_s, final_loss = timed_training(model, optimizer, batches, warmup, device, loss_of)
     import importlib.metadata as metadata
 
     return {
-        "tokens_per_s": timed_tokens / timed_s,
+        "tokens_per_s": tokens_per_s,
         "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
         "timed_steps": steps,
-        "final_loss": float(loss.detach()),
+        "final_loss": final_loss,
         "unsloth": metadata.version("unsloth"),
     }
 
@@ -410,9 +415,7 @@ def qlora_export_check(source: str, steps: int) -> dict:
 
 def run_workload(name: str, args: argparse.Namespace) -> dict:
     if name.startswith("unsloth"):
-        scratch = unsloth_scratch()
-        folder = scratch / f"unsloth-model-{args.source}"
-        blocks = scratch / blocks_file_name(args.source, args.warmup + args.steps)
+        folder, blocks = unsloth_paths(args.source, args.warmup + args.steps)
         return unsloth_lora(str(folder), str(blocks), args.steps, args.warmup, name == "unsloth:checkpointing")
     if name == "qlora-export":
         return qlora_export_check(args.source, args.steps)
@@ -595,7 +598,7 @@ def run_round(args: argparse.Namespace, out: Path, started: float, results: dict
             if not os.environ.get(UNSLOTH_SITE_ENV) and importlib.util.find_spec("unsloth") is None:
                 results[name] = {"skipped": f"unsloth not installed (set ${UNSLOTH_SITE_ENV} to its kit's folder)"}
                 continue
-            unsloth_inputs(args.source, unsloth_scratch(), args.warmup + args.steps)
+            unsloth_inputs(args.source, args.warmup + args.steps)
             site = os.environ.get(UNSLOTH_SITE_ENV)
             if site:
                 env["PYTHONPATH"] = os.pathsep.join([site, str(REPO)])

@@ -27,10 +27,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Literal
 
 import torch
-import torch._dynamo
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -130,13 +130,15 @@ class CompiledLayerCall:
     def __init__(self, forward, cuda_graphs: bool, whole_under_ddp: bool) -> None:
         self.plain = torch.compile(forward, dynamic=False)
         self.graphed = torch.compile(forward, dynamic=False, mode="reduce-overhead") if cuda_graphs else self.plain
-        self.whole_under_ddp = whole_under_ddp
+        self.scope = contextlib.nullcontext
+        if whole_under_ddp:
+            from torch._dynamo import config as dynamo_config
+
+            self.scope = functools.partial(dynamo_config.patch, optimize_ddp=False)
 
     def __call__(self, *args, **kwargs):
         compiled = self.graphed if torch.is_grad_enabled() else self.plain
-        if not self.whole_under_ddp:
-            return compiled(*args, **kwargs)
-        with torch._dynamo.config.patch(optimize_ddp=False):
+        with self.scope():
             return compiled(*args, **kwargs)
 
 
@@ -168,7 +170,6 @@ class HostOffload:
         self.copied_out: dict[int, torch.cuda.Event] = {}
         self.prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
         self.stream: torch.cuda.Stream | None = None
-        self.calls: dict[int, OffloadedCheckpointCall] = {}
 
     def _side(self, device: torch.device) -> torch.cuda.Stream:
         if self.stream is None:
@@ -224,7 +225,6 @@ class OffloadedCheckpointCall:
         # an input that needs a gradient, so that autograd records the call even where the hidden states need
         # none (the first layer, over a frozen embedding): the layer's own trainable weights are not inputs
         self.anchor = torch.zeros((), requires_grad=True)
-        offload.calls[index] = self
 
     def __call__(self, hidden_states: torch.Tensor, *args, **kwargs):
         if not (torch.is_grad_enabled() and self.layer.training):

@@ -173,16 +173,15 @@ class MistralModule(L.LightningModule):
     def resolve_plan(self, stage: str, where: Any) -> ExecutionPlan:
         """Resolve and keep this run's ``ExecutionPlan`` for ``stage`` on ``where`` (a Lightning strategy or a
         device); raises the ``ConfigError`` of a combination that cannot run there."""
-        platform = where if isinstance(where, Platform) else Platform.detect(where)
-        self.plan = resolve_plan(
-            self.spec,
-            stage,
-            platform,
-            loss=self.hparams.loss,
-            decoder=self.generation.decoder,
-            matvec=self.generation.matvec,
-        )
+        self.plan = self._plan_for(stage, where)
         return self.plan
+
+    def _plan_for(self, stage: str, where: Any) -> ExecutionPlan:
+        platform = where if isinstance(where, Platform) else Platform.detect(where)
+        generation = self.generation
+        return resolve_plan(
+            self.spec, stage, platform, loss=self.hparams.loss, decoder=generation.decoder, matvec=generation.matvec
+        )
 
     @property
     def adapter_dtype(self) -> torch.dtype | None:
@@ -371,12 +370,9 @@ class MistralModule(L.LightningModule):
         # the prompts themselves (iterating the loader here would consume the loop's own pass over it)
         prompts = [item["input_ids"] for loader in loaders for item in loader.dataset]
         longest = max(prompts, key=len)[None].to(self.device)  # (1, prompt_len)
-        plan = self.plan if self.plan is not None and self.plan.stage == "predict" else None
-        if plan is None:  # the model was built for another stage in this process: decode as predict would
-            plan = resolve_plan(
-                self.spec, "predict", Platform.detect(self.device), self.hparams.loss, self.generation.decoder,
-                self.generation.matvec,
-            )  # fmt: skip
+        plan = self.plan
+        if plan is None or plan.stage != "predict":  # built for another stage in this process: decode as predict
+            plan = self._plan_for("predict", self.device)
         self.static_decoder = None
         if plan.decoder != "dynamic":
             cache_len = -(-(longest.shape[1] + self.generation.max_new_tokens) // 128) * 128
@@ -571,7 +567,6 @@ def load_trained(path: str, device: torch.device | str = "cpu", what: str = "ckp
     if not (isinstance(cls, type) and issubclass(cls, MistralModule)):
         raise ConfigError(f"{path} was trained with {class_path}, which is not a MistralModule.")
     module = cls(**hparams)
-    module.resolve_plan("validate", torch.device(device))
     module.model = module.build_model(torch.device(device))
     trainable = {f"model.{n}" for n, p in module.model.named_parameters() if p.requires_grad}
     result = module.load_state_dict(checkpoint["state_dict"], strict=False)

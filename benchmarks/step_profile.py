@@ -42,28 +42,50 @@ def bucket_of(kernel: str) -> str:
     return next((bucket for bucket, parts in BUCKETS if any(part in name for part in parts)), "other")
 
 
-def breakdown(kernels: list[tuple[str, float, float]], step_ms: list[float]) -> dict:
+def breakdown(kernels: list[tuple[str, float, float]], step_ms: list[float], top: int = 25) -> dict:
     """Milliseconds a step per bucket, from kernels ``(name, start_us, end_us)`` over steps of ``step_ms``; idle is
-    the steps' time that no kernel covers (overlapping kernels counted once)."""
+    the steps' time that no kernel covers (overlapping kernels counted once). Also the ``top`` heaviest kernel
+    names (milliseconds and launches a step) and the ``top`` longest gaps between kernels, each with the
+    kernels either side of it: what the GPU waited between."""
     steps = len(step_ms)
     per_bucket: dict[str, float] = {}
+    per_name: dict[str, list[float]] = {}
     for name, start, end in kernels:
         per_bucket[bucket_of(name)] = per_bucket.get(bucket_of(name), 0.0) + (end - start) / 1000 / steps
-    busy, last = 0.0, float("-inf")
-    for _, start, end in sorted(kernels, key=lambda k: k[1]):
+        totals = per_name.setdefault(name, [0.0, 0.0])
+        totals[0] += (end - start) / 1000 / steps
+        totals[1] += 1 / steps
+    busy, last, last_name, gaps = 0.0, float("-inf"), None, []
+    for name, start, end in sorted(kernels, key=lambda k: k[1]):
+        if last_name is not None and start > last:
+            gaps.append((start - last, last_name, name))
         if end > last:
             busy += end - max(start, last)
-            last = end
+            last, last_name = end, name
     step = sum(step_ms) / steps
     per_bucket["idle"] = max(step - busy / 1000 / steps, 0.0)
     ordered = dict(sorted(per_bucket.items(), key=lambda item: -item[1]))
-    return {"step_ms": step, "kernels_per_step": len(kernels) / steps, "ms_per_step": ordered}
+    heaviest = sorted(per_name.items(), key=lambda item: -item[1][0])[:top]
+    longest = sorted(gaps, key=lambda gap: -gap[0])[:top]
+    return {
+        "step_ms": step,
+        "kernels_per_step": len(kernels) / steps,
+        "ms_per_step": ordered,
+        "heaviest_kernels": [
+            {"kernel": name[:160], "bucket": bucket_of(name), "ms_per_step": ms, "launches_per_step": count}
+            for name, (ms, count) in heaviest
+        ],
+        "longest_gaps": [
+            {"ms": gap / 1000, "after": before[:120], "before": after[:120]} for gap, before, after in longest
+        ],
+        "gaps_over_50us_ms_per_step": sum(gap for gap, _, _ in gaps if gap > 50) / 1000 / steps,
+    }
 
 
 def lora_products_ms(hidden: int, intermediate: int, kv: int, layers: int, tokens: int, rank: int, device) -> float:
     """Forward and backward of a rank-``rank`` adapter on each of a layer's seven projections, for ``layers`` layers
     and ``tokens`` tokens, under bf16 autocast with float32 adapter weights (as ``lora.compute: base-dtype``):
-    milliseconds (the median of 5)."""
+    milliseconds of GPU kernel time (the casts and the input gradients' additions included)."""
     shapes = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden)]
     shapes += [(hidden, intermediate), (hidden, intermediate), (intermediate, hidden)]
     inputs = {n: torch.randn(tokens, n, device=device, dtype=torch.bfloat16, requires_grad=True) for n, _ in shapes}
@@ -84,16 +106,15 @@ def lora_products_ms(hidden: int, intermediate: int, kv: int, layers: int, token
 
     for _ in range(2):
         once()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    torch.cuda.synchronize(device)
+    # the kernels' own time, not the wall clock: run eagerly, one small product after another, the host's
+    # launches would be what is timed, and inside the step they run from CUDA graphs
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
         for _ in range(layers):
             once()
-        end.record()
         torch.cuda.synchronize(device)
-        times.append(start.elapsed_time(end))
-    return sorted(times)[2]
+    cuda = torch.autograd.DeviceType.CUDA
+    return sum(e.time_range.end - e.time_range.start for e in profiler.events() if e.device_type == cuda) / 1000
 
 
 class StepProfile(L.Callback):
@@ -167,6 +188,14 @@ class StepProfile(L.Callback):
             f"  {name:<24} {ms:8.1f} ms  {ms / result['step_ms']:6.1%}" for name, ms in result["ms_per_step"].items()
         ]
         if "lora_products_ms" in result:
-            lines.append(f"  LoRA products alone, timed apart: {result['lora_products_ms']:.1f} ms a step")
+            lines.append(f"  LoRA products alone, timed apart: {result['lora_products_ms']:.1f} ms of kernels a step")
+        lines.append(f"  gaps over 50 us: {result['gaps_over_50us_ms_per_step']:.1f} ms a step; heaviest kernels:")
+        lines += [
+            f"    {k['ms_per_step']:7.2f} ms {k['launches_per_step']:6.0f}x  {k['kernel'][:100]}"
+            for k in result["heaviest_kernels"][:12]
+        ]
+        lines.append("  longest gaps (after -> before):")
+        gaps = result["longest_gaps"][:12]
+        lines += [f"    {g['ms']:6.2f} ms  {g['after'][:60]} -> {g['before'][:60]}" for g in gaps]
         print("\n".join(lines), flush=True)
-        print(json.dumps(result, default=str)[:2000], flush=True)
+        print(json.dumps(result, default=str)[:1000], flush=True)

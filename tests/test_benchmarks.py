@@ -253,6 +253,11 @@ def test_the_step_profile_puts_each_kernel_in_one_bucket_and_counts_idle_time_on
     assert ms["copies"] == pytest.approx(0.01)
     assert ms["idle"] == pytest.approx(1.0 - 0.91)  # 700 - 650 and 960 - 1000 us uncovered
     assert next(iter(ms)) == "matrix products"  # largest first
+    assert result["heaviest_kernels"][0]["kernel"].startswith("sm90_xmma_gemm")
+    assert result["heaviest_kernels"][0]["ms_per_step"] == 0.5
+    gap = result["longest_gaps"][0]  # 650 -> 700 us, between the elementwise kernel and attention
+    assert gap["ms"] == 0.05 and gap["after"] == "triton_poi_fused_add_mul_0" and gap["before"] == "flash_fwd_kernel"
+    assert len(result["longest_gaps"]) == 1  # the GEMM's overlap is no gap
 
 
 def test_the_headline_of_benchmarks_md_is_the_one_its_json_makes():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -245,10 +246,13 @@ def environment() -> dict[str, str]:
         except PackageNotFoundError:
             info[package] = "not installed"
     info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    try:
-        info["commit"] = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
+    try:  # $SMARTER_COMMIT names the commit where the checkout's own HEAD is not the tree that ran
+        info["commit"] = (
+            os.environ.get("SMARTER_COMMIT")
+            or subprocess.run(
+                ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        )
     except (OSError, subprocess.CalledProcessError):
         info["commit"] = "unknown"
     return info

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class Row:
     metric: str = "tokens_per_s"
     target: str = ""
     baseline_metric: str | None = None  # the baseline's own figure, when not ``metric``
+    shape: tuple[int, int] = (4, 1024)  # (rows, tokens a row) of the run's training steps
 
 
 ROWS = [
@@ -65,6 +67,14 @@ ROWS = [
     Row("QLoRA 7B, the default recipe, vs plain transformers + peft", "fit:configs/finetune/qlora.yaml", "plain-qlora"),
     Row("bf16 LoRA 7B, fastest recipe, vs plain transformers + peft", "fit:configs/finetune/lora-bf16-fast.yaml",
         "plain-lora-bf16"),
+    Row("QLoRA 7B at 16k-token sequences (batch 1), lean + offloaded checkpointing, vs unsloth's", QLORA_OFFLOAD,
+        "unsloth:checkpointing", shape=(1, 16384)),
+    Row("... its peak memory vs unsloth's offloaded checkpointing", QLORA_OFFLOAD, "unsloth:checkpointing",
+        "peak_allocated_gib", shape=(1, 16384)),
+    Row("QLoRA 7B at 32k-token sequences (batch 1), lean + offloaded checkpointing, vs unsloth's", QLORA_OFFLOAD,
+        "unsloth:checkpointing", shape=(1, 32768)),
+    Row("... its peak memory vs unsloth's offloaded checkpointing", QLORA_OFFLOAD, "unsloth:checkpointing",
+        "peak_allocated_gib", shape=(1, 32768)),
     Row("Batch-1 greedy decode, nf4 7B (median prompt), vs transformers' generate", DECODE_NF4, DECODE_NF4,
         "generate_tokens_per_s", baseline_metric="hf_generate_tokens_per_s"),
     Row("Batch-1 greedy decode, bf16 7B (median prompt), vs transformers' generate", DECODE_BF16, DECODE_BF16,
@@ -80,6 +90,13 @@ def load_runs(folder: Path = RUNS) -> list[dict]:
         summary["folder"] = str(path.parent.relative_to(REPO)) if path.is_relative_to(REPO) else str(path.parent)
         runs.append(summary)
     return sorted(runs, key=lambda run: run.get("run", {}).get("date", ""), reverse=True)
+
+
+def shape_of(run: dict) -> tuple[int, int]:
+    """(rows, tokens a row) of a run's training steps, from its command's ``--batch`` and ``--block``."""
+    words = shlex.split(run.get("run", {}).get("command", ""))
+    given = {word: words[i + 1] for i, word in enumerate(words[:-1]) if word in ("--batch", "--block")}
+    return int(given.get("--batch", 4)), int(given.get("--block", 1024))
 
 
 def _figure(result: dict, metric: str) -> float | None:
@@ -99,6 +116,8 @@ def headline(runs: list[dict]) -> str:
     commands: dict[str, str] = {}
     for row in ROWS:
         for run in runs:
+            if shape_of(run) != row.shape:
+                continue
             results = run.get("results", {})
             ours = _figure(results.get(row.workload, {}), row.metric)
             theirs = _figure(results.get(row.baseline, {}), row.baseline_metric or row.metric) if row.baseline else None

@@ -269,3 +269,24 @@ def test_the_headline_of_benchmarks_md_is_the_one_its_json_makes():
     assert headline.with_headline(current, headline.headline(headline.load_runs())) == current
     for run in headline.load_runs():  # every run says when, at which commit and with which command it ran
         assert {"date", "commit", "command"} <= set(run.get("run", {})), run["folder"]
+
+
+def test_a_headline_row_takes_only_runs_of_its_own_shape():
+    """A 32k-token run of the offload workload must not stand in for its 4 x 1024 row, nor the reverse."""
+    import headline
+
+    def run(command: str, tokens_per_s: float) -> dict:
+        results = {
+            headline.QLORA_OFFLOAD: {"tokens_per_s": tokens_per_s},
+            "unsloth:checkpointing": {"tokens_per_s": 1.0},
+        }
+        return {"run": {"command": command, "date": "2026-12-06"}, "results": results, "folder": "f"}
+
+    long = run("python benchmarks/speed_side_by_side.py --block 32768 --batch 1 --only x", 7.0)
+    short = run("python benchmarks/speed_side_by_side.py --only x", 5.0)
+    assert headline.shape_of(long) == (1, 32768) and headline.shape_of(short) == (4, 1024)
+    table = headline.headline([long, short])  # the newest first: the long run would win every row it fits
+    rows = [line for line in table.splitlines() if line.startswith("| QLoRA 7B")]
+    assert any("32k-token" in line and "| 7 tok/s" in line for line in rows)
+    assert any("offloaded checkpointing, vs unsloth's | 5 tok/s" in line for line in rows)
+    assert not any("32k-token" not in line and "| 7 tok/s" in line for line in rows)

@@ -46,6 +46,7 @@ class Platform:
         strategy_name: The strategy's class name, for messages.
         precision: The trainer's precision (``bf16-true``, ``32-true``...), where the strategy casts by it.
         fsdp_param_dtype: FSDP's mixed-precision parameter dtype, when it has one.
+        grad_scaler: The precision plugin scales the loss (float16 mixed precision): it steps the optimizer itself.
     """
 
     device: str = "cpu"
@@ -56,6 +57,7 @@ class Platform:
     strategy_name: str = "SingleDeviceStrategy"
     precision: str | None = None
     fsdp_param_dtype: str | None = None
+    grad_scaler: bool = False
 
     @property
     def cuda(self) -> bool:
@@ -66,9 +68,10 @@ class Platform:
         """The platform of a Lightning strategy, or of a bare device (``torch.device`` or its name)."""
         from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy
 
-        strategy, kind, precision, param_dtype = None, "single", None, None
+        strategy, kind, precision, param_dtype, scaler = None, "single", None, None, False
         if isinstance(where, Strategy):
             strategy = where
+            scaler = getattr(strategy.precision_plugin, "scaler", None) is not None
             device = torch.device(strategy.root_device)
             if isinstance(strategy, FSDPStrategy):
                 kind = "fsdp"
@@ -94,6 +97,7 @@ class Platform:
             strategy_name=type(strategy).__name__ if strategy is not None else "SingleDeviceStrategy",
             precision=precision,
             fsdp_param_dtype=param_dtype,
+            grad_scaler=scaler,
         )
 
 
@@ -120,6 +124,12 @@ class ExecutionPlan:
         decoder: ``dynamic``, ``static`` or ``static-compiled`` (predict only, else None).
         matvec: ``library`` or ``triton`` (predict only, else None).
         fixed_batch_shape: Every training batch has one shape (compiled layers recompile on a new one).
+        optimizer_kernel: How AdamW updates the weights: ``fused`` (one kernel over every tensor), ``default``
+            (torch's choice), ``bitsandbytes`` (its 8-bit optimizers); None outside fit.
+        divergence_check: When a non-finite loss or gradient norm stops the run: ``synchronous`` (the host reads
+            the step's verdict before the update: one wait for the GPU a step) or ``deferred`` (the fused update
+            skips a non-finite step on the GPU, and the host reads the verdict one step later, or before any
+            checkpoint or the end of training); None outside fit.
         reasons: ``(field, why)`` pairs.
     """
 
@@ -138,6 +148,8 @@ class ExecutionPlan:
     decoder: str | None
     matvec: str | None
     fixed_batch_shape: bool
+    optimizer_kernel: str | None = None
+    divergence_check: str | None = None
     reasons: tuple[tuple[str, str], ...] = ()
 
     def why(self, field: str) -> str:
@@ -186,6 +198,7 @@ def resolve_plan(
     loss: str = "auto",
     decoder: str = "auto",
     matvec: str = "auto",
+    optimizer: str = "adamw",
 ) -> ExecutionPlan:
     """The plan for ``spec`` (a ``ModelSpec``) in ``stage`` on ``platform``; a ``ConfigError`` that says what to
     change when the combination cannot run. Reads nothing but its arguments.
@@ -198,6 +211,7 @@ def resolve_plan(
         loss: ``model.loss``: ``auto``, ``fused``, ``chunked`` or ``logits``.
         decoder: ``model.generation.decoder``.
         matvec: ``model.generation.matvec``.
+        optimizer: ``model.optimizer``: ``adamw``, ``adamw-8bit`` or ``paged-adamw-8bit``.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -360,6 +374,7 @@ def resolve_plan(
     reasons["fixed_batch_shape"] = (
         "compiled layers: a short last batch is filled with masked rows" if fixed else "batches may differ in shape"
     )
+    optimizer_kernel, divergence_check = _resolve_optimizer_step(optimizer, stage, platform, reasons)
     return ExecutionPlan(
         stage=stage,
         platform=platform,
@@ -376,8 +391,46 @@ def resolve_plan(
         decoder=decoder_kind,
         matvec=matvec_kind,
         fixed_batch_shape=fixed,
+        optimizer_kernel=optimizer_kernel,
+        divergence_check=divergence_check,
         reasons=tuple(reasons.items()),
     )
+
+
+def _resolve_optimizer_step(
+    optimizer: str, stage: str, platform: Platform, reasons: dict[str, str]
+) -> tuple[str | None, str | None]:
+    """The plan's ``optimizer_kernel`` and ``divergence_check``, their reasons added to ``reasons``."""
+    if stage != "fit":
+        reasons["optimizer_kernel"] = reasons["divergence_check"] = "no optimizer step in this stage"
+        return None, None
+    if optimizer != "adamw":
+        kernel = "bitsandbytes"
+        reasons["optimizer_kernel"] = f"model.optimizer={optimizer}: bitsandbytes' own kernels"
+    elif not platform.cuda:
+        kernel = "default"
+        reasons["optimizer_kernel"] = f"torch's default AdamW on {platform.device}"
+    elif platform.strategy not in ("single", "ddp"):
+        kernel = "default"
+        reasons["optimizer_kernel"] = f"torch's default AdamW under {platform.strategy_name} (sharded weights)"
+    else:
+        kernel = "fused"
+        reasons["optimizer_kernel"] = "CUDA: one fused AdamW kernel over every trained tensor, one host call"
+    if kernel != "fused":
+        check = "synchronous"
+        reasons["divergence_check"] = (
+            "the step's verdict is read before the update (only the fused AdamW skips on the GPU)"
+        )
+    elif platform.grad_scaler:
+        check = "synchronous"
+        reasons["divergence_check"] = "the loss scaler steps the optimizer and skips non-finite steps itself"
+    else:
+        check = "deferred"
+        reasons["divergence_check"] = (
+            "a non-finite step is skipped on the GPU and reported one step later (or before a checkpoint or the "
+            "end): the host does not wait for the GPU every step"
+        )
+    return kernel, check
 
 
 def resolve_decoding(

@@ -129,6 +129,9 @@ class MistralModule(L.LightningModule):
         self._resumed = False  # set by on_load_checkpoint
         self._rng_to_restore: dict[str, Any] | None = None
         self._losses_finite: torch.Tensor | None = None  # on the device, until the optimizer step reads it
+        # under the deferred divergence check: the last step's verdict (loss finite, norm finite, norm) on its
+        # way to the host, the event after its copy, and the step it belongs to
+        self._pending_verdict: tuple[torch.Tensor, torch.cuda.Event | None, str] | None = None
 
     # ---- building ------------------------------------------------------------------------
     @property
@@ -179,8 +182,15 @@ class MistralModule(L.LightningModule):
     def _plan_for(self, stage: str, where: Any) -> ExecutionPlan:
         platform = where if isinstance(where, Platform) else Platform.detect(where)
         generation = self.generation
+        hp = self.hparams
         return resolve_plan(
-            self.spec, stage, platform, loss=self.hparams.loss, decoder=generation.decoder, matvec=generation.matvec
+            self.spec,
+            stage,
+            platform,
+            loss=hp.loss,
+            decoder=generation.decoder,
+            matvec=generation.matvec,
+            optimizer=hp.optimizer,
         )
 
     @property
@@ -278,7 +288,9 @@ class MistralModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the gradient norm of what trains, and stop the run before a non-finite loss or gradient
-        norm reaches the weights (one host sync for both)."""
+        norm reaches the weights: by reading the step's verdict before the update (one host sync for both), or,
+        under the plan's deferred check, by having the fused AdamW skip the step on the GPU and reading the
+        verdict at the next step, before a checkpoint, or at the end of training."""
         losses_finite, self._losses_finite = self._losses_finite, None
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
         sharded = self._gradients_are_sharded()
@@ -295,8 +307,29 @@ class MistralModule(L.LightningModule):
             norm = squares.sqrt()
         fine = torch.ones((), dtype=torch.bool, device=self.device)  # for a check with nothing to look at
         checks = [fine if losses_finite is None else losses_finite, fine if norm is None else torch.isfinite(norm)]
-        loss_ok, norm_ok = torch.stack(checks).tolist()
         step = f"at step {self.global_step + 1} (epoch {self.current_epoch})"
+        shown_norm = torch.zeros((), device=self.device) if norm is None else norm.detach().float()
+        verdict = torch.stack([checks[0].float(), checks[1].float(), shown_norm])
+        if self.plan is not None and self.plan.divergence_check == "deferred":
+            # the previous step's verdict has long been computed: reading it now does not wait for the GPU
+            self.raise_if_diverged()
+            # private-ish: the fused AdamW skips its update where ``found_inf`` is nonzero (torch's GradScaler
+            # hands it over the same way; there is no public argument). tests/test_private_apis.py checks it.
+            optimizer.found_inf = 1.0 - verdict[0] * verdict[1]
+            on_host = torch.empty(3, pin_memory=self.device.type == "cuda")
+            on_host.copy_(verdict, non_blocking=True)
+            copied = None
+            if self.device.type == "cuda":
+                copied = torch.cuda.Event()
+                copied.record()
+            self._pending_verdict = (on_host, copied, step)
+        else:
+            self._raise_on_verdict(verdict.tolist(), step)  # one host sync a step
+        if norm is not None:
+            self.log("train/grad_norm", norm, batch_size=1)
+
+    def _raise_on_verdict(self, verdict: list[float], step: str) -> None:
+        loss_ok, norm_ok, norm = verdict
         advice = "Lower model.learning_rate or set trainer.gradient_clip_val, then resume from the last checkpoint."
         if not loss_ok:
             raise TrainingDiverged(
@@ -306,11 +339,22 @@ class MistralModule(L.LightningModule):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is None and not norm_ok:  # with a grad scaler, an inf step is skipped, not fatal
             raise TrainingDiverged(
-                f"training diverged: the gradient norm is {norm.item()} {step}; the weights were not updated "
-                f"with it. {advice}"
+                f"training diverged: the gradient norm is {norm} {step}; the weights were not updated with it. {advice}"
             )
-        if norm is not None:
-            self.log("train/grad_norm", norm, batch_size=1)
+
+    def raise_if_diverged(self) -> None:
+        """Under the deferred divergence check: stop the run if the last optimizer step's loss or gradient norm
+        was not finite (that step's update was skipped on the GPU). Waits for that step's verdict only."""
+        if self._pending_verdict is None:
+            return
+        on_host, copied, step = self._pending_verdict
+        self._pending_verdict = None
+        if copied is not None:
+            copied.synchronize()
+        self._raise_on_verdict(on_host.tolist(), step)
+
+    def on_train_end(self) -> None:
+        self.raise_if_diverged()  # the last step's verdict, before fit returns and the run exports
 
     def configure_gradient_clipping(
         self,
@@ -425,6 +469,8 @@ class MistralModule(L.LightningModule):
         hp = self.hparams
         kwargs = {"lr": hp.learning_rate, "weight_decay": hp.weight_decay, "betas": tuple(hp.betas)}
         if hp.optimizer == "adamw":
+            if self.plan is not None and self.plan.optimizer_kernel == "fused":
+                kwargs["fused"] = True
             optimizer = torch.optim.AdamW(params, **kwargs)
         else:
             import bitsandbytes as bnb
@@ -444,7 +490,9 @@ class MistralModule(L.LightningModule):
     # ---- checkpoints and resuming --------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep what a resume needs: the weights that train (with adapters, only those; the frozen base
-        rebuilds from the spec) and the random generators. Never writes non-finite weights."""
+        rebuilds from the spec) and the random generators. Never writes non-finite weights, nor a checkpoint
+        after a step that diverged."""
+        self.raise_if_diverged()
         if self.spec.lora is not None:
             trainable = {f"model.{plain_name(n)}" for n, p in self.model.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if plain_name(k) in trainable}
@@ -513,6 +561,14 @@ class MistralModule(L.LightningModule):
             return
         hp = self.hparams
         optimizer = self.trainer.optimizers[0]
+        if self.plan is not None and self.plan.optimizer_kernel == "fused" and isinstance(optimizer, torch.optim.AdamW):
+            # a checkpoint of a run with another AdamW kernel brings its groups' settings and CPU step counts
+            for group in optimizer.param_groups:
+                group.update(fused=True, foreach=None)
+                for parameter in group["params"]:
+                    state = optimizer.state.get(parameter, {})
+                    if "step" in state:
+                        state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=parameter.device)
         resumed = self._resumed
         if resumed:
             for group in optimizer.param_groups:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import signal
@@ -40,6 +41,17 @@ class OutOfMemoryMistralModule(MistralModule):
 
     def build_model(self, device: torch.device) -> torch.nn.Module:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 28.00 GiB")
+
+
+class DeferredDivergenceCheck(MistralModule):
+    """Trains with the plan a CUDA GPU gets (the fused AdamW, the divergence verdict read a step later) on any
+    device, so that the deferred check runs on a CPU too."""
+
+    def _plan_for(self, stage, where):
+        plan = super()._plan_for(stage, where)
+        if stage != "fit":
+            return plan
+        return dataclasses.replace(plan, optimizer_kernel="fused", divergence_check="deferred")
 
 
 class SignalAtStep(L.Callback):

@@ -146,6 +146,11 @@ def test_the_plan_of_each_recipe_on_each_platform_and_stage(case):
     assert predict.compile == "off" and not predict.training_graphs
     assert predict.decoder == "dynamic" and predict.matvec == "library"  # the shipped generation settings
     assert predict.adapters_stored_in == (adapters if adapters not in (None, "float32") else None)
+    # the optimizer: one fused AdamW on a CUDA GPU (not under FSDP), the divergence verdict read a step later
+    fused = platform.cuda and platform.strategy in ("single", "ddp")
+    assert fit.optimizer_kernel == ("fused" if fused else "default")
+    assert fit.divergence_check == ("deferred" if fused else "synchronous")
+    assert validate.optimizer_kernel is validate.divergence_check is predict.optimizer_kernel is None
     for each in plans.values():  # every choice says why
         assert set(dict(each.reasons)) == set(each.choices()) - {"stage"}
         assert all(each.why(name) for name in each.choices() if name != "stage")
@@ -181,6 +186,15 @@ def test_what_cannot_run_is_refused_by_the_plan(configs, platform, stage, fields
     spec = dataclasses.replace(spec, **fields)
     with pytest.raises(ConfigError, match=refusal):
         resolve_plan(spec, stage, platform, loss=loss or configured_loss, **generation)
+
+
+def test_the_optimizer_step_where_the_fused_adamw_cannot_skip_on_the_gpu():
+    spec, loss, _ = model_settings("finetune/qlora-fast.yaml")
+    scaled = resolve_plan(spec, "fit", dataclasses.replace(GPU, grad_scaler=True), loss=loss)
+    assert (scaled.optimizer_kernel, scaled.divergence_check) == ("fused", "synchronous")
+    assert "scaler" in scaled.why("divergence_check")
+    eight_bit = resolve_plan(spec, "fit", GPU, loss=loss, optimizer="adamw-8bit")
+    assert (eight_bit.optimizer_kernel, eight_bit.divergence_check) == ("bitsandbytes", "synchronous")
 
 
 def test_the_decoder_and_its_kernels_on_a_gpu():

@@ -39,3 +39,29 @@ def test_dynamos_ddp_optimizer_switch_is_still_there():
     import torch._dynamo
 
     assert isinstance(torch._dynamo.config.optimize_ddp, bool | str)
+
+
+def test_the_fused_adamw_still_skips_a_step_where_found_inf_is_set():
+    """The deferred divergence check hands the fused AdamW a ``found_inf`` tensor, as torch's GradScaler does:
+    nonzero leaves weights, moments and step counts as they were; zero updates as the unfused AdamW does."""
+    torch.manual_seed(0)
+    fused = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(2)]
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in fused]
+    optimizers = torch.optim.AdamW(fused, lr=0.1, fused=True), torch.optim.AdamW(plain, lr=0.1)
+    for _ in range(2):
+        gradients = [torch.randn(4, 3) for _ in fused]
+        for a, b, g in zip(fused, plain, gradients, strict=True):
+            a.grad, b.grad = g.clone(), g.clone()
+        optimizers[0].found_inf = torch.zeros(())
+        for optimizer in optimizers:
+            optimizer.step()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fused, plain, strict=True))
+    weights = [p.detach().clone() for p in fused]
+    moments = [optimizers[0].state[p]["exp_avg"].clone() for p in fused]
+    for p in fused:
+        p.grad = torch.full_like(p, float("nan"))
+    optimizers[0].found_inf = torch.ones(())
+    optimizers[0].step()
+    assert all(torch.equal(p, w) for p, w in zip(fused, weights, strict=True))
+    assert all(torch.equal(optimizers[0].state[p]["exp_avg"], m) for p, m in zip(fused, moments, strict=True))
+    assert all(float(optimizers[0].state[p]["step"]) == 2.0 for p in fused)

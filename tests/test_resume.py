@@ -172,20 +172,52 @@ def test_an_explicit_setting_wins_over_the_checkpoints_and_is_reported(uninterru
     assert learning_rates[7] == pytest.approx(1e-3 * schedule(7), rel=1e-6)
 
 
-def test_a_nan_stops_the_run_naming_the_step_and_writes_no_bad_checkpoint(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("check", ["synchronous", "deferred"])
+def test_a_nan_stops_the_run_naming_the_step_and_writes_no_bad_checkpoint(check, tmp_path, monkeypatch, capsys):
+    """Read before the update (a CPU's plan), or skipped on the device and read a step later (a GPU's plan,
+    forced here): either way the run stops naming the step that diverged, and no checkpoint comes from it."""
     every_step = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1"]
     every_step += ["--trainer.callbacks.save_top_k", "-1"]
+    if check == "deferred":
+        (tmp_path / "deferred.yaml").write_text("model:\n  class_path: custom_modules.DeferredDivergenceCheck\n")
+        every_step += ["-c", str(tmp_path / "deferred.yaml")]
     code = _fit(tmp_path, monkeypatch, "--trainer.max_steps", "30", "--model.learning_rate", "1e4", *every_step)
     assert code == 3
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("smarter:")]
     assert line.startswith("smarter: error: training diverged: ") and " at step " in line
+    step = int(line.split(" at step ")[1].split()[0])
     run = next((tmp_path / "runs" / "tiny").glob("version_*"))
     saved = list((run / "checkpoints").glob("*.ckpt"))
     assert saved  # the good steps before the divergence were kept
     for path in saved:
-        for name, tensor in read_checkpoint(path)["state_dict"].items():
+        checkpoint = read_checkpoint(path)
+        assert checkpoint["global_step"] < step, path.name  # none from the step that diverged, nor after it
+        for name, tensor in checkpoint["state_dict"].items():
             assert torch.isfinite(tensor).all(), (path.name, name)
     assert not (run / "export").exists()
+
+
+def test_the_deferred_check_trains_as_the_synchronous_one_and_stops_a_step_later(tmp_path, monkeypatch, capsys):
+    """The GPU's plan (fused AdamW, the verdict read at the next step) forced on the CPU: the same losses as
+    the CPU's plan; a divergence with no checkpoint in between is named at the next step, and nothing exports."""
+    deferred = tmp_path / "deferred.yaml"
+    deferred.write_text("model:\n  class_path: custom_modules.DeferredDivergenceCheck\n")
+    curves = []
+    for name, extra in (("sync", []), ("deferred", ["-c", str(deferred)])):
+        (tmp_path / name).mkdir()
+        assert _fit(tmp_path / name, monkeypatch, "--trainer.max_steps", "4", *extra) == 0
+        curves.append(dict(scalars(next((tmp_path / name / "runs" / "tiny").glob("version_*")))["train/loss"]))
+    assert curves[0].keys() == curves[1].keys() and len(curves[0]) >= 3
+    assert all(curves[1][k] == pytest.approx(v, rel=1e-4) for k, v in curves[0].items())
+    (tmp_path / "nan").mkdir()
+    capsys.readouterr()
+    code = _fit(
+        tmp_path / "nan", monkeypatch, "--trainer.max_steps", "30", "--model.learning_rate", "1e4", "-c", str(deferred)
+    )
+    assert code == 3
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("smarter:")]
+    assert line.startswith("smarter: error: training diverged: ") and " at step " in line
+    assert not list((tmp_path / "nan" / "runs").rglob("export"))
 
 
 def test_sigkill_during_a_save_leaves_the_earlier_checkpoint_loadable(tmp_path, book_path):

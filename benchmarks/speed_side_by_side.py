@@ -57,6 +57,7 @@ DEFAULT_WORKLOADS = [
     "fit:configs/finetune/qlora.yaml",
     "fit:configs/finetune/qlora-fast.yaml",
     "fit:configs/finetune/qlora-lean.yaml",
+    "fit:configs/finetune/qlora-offload.yaml",
     "plain-lora-bf16",
     "fit:configs/finetune/lora-bf16-fast.yaml",
     "validate:configs/variants/bf16-sdpa.yaml",
@@ -223,7 +224,8 @@ def unsloth_lora(folder: str, blocks_file: str, steps: int, warmup: int, checkpo
         use_gradient_checkpointing="unsloth" if checkpointing else False,
         random_state=0,
     )
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=2e-4)
     batches = []
     for batch in torch.load(blocks_file)[: warmup + steps]:
         # the model shifts labels itself: position t + 1 of its labels is this block's target at t (the
@@ -245,6 +247,9 @@ def unsloth_lora(folder: str, blocks_file: str, steps: int, warmup: int, checkpo
         "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
         "timed_steps": steps,
         "final_loss": final_loss,
+        # what its optimizer holds, to set beside the recipes' float32 adapters
+        "trained_parameters": sum(p.numel() for p in trained),
+        "trained_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in trained}),
         "unsloth": metadata.version("unsloth"),
     }
 
@@ -567,11 +572,12 @@ def summary_table(results: dict[str, dict]) -> str:
 
 
 def peer_note(name: str, result: dict, results: dict[str, dict]) -> str:
-    """A QLoRA fit against unsloth measured in the same run: speed and peak memory ratios, the lean recipe
-    against unsloth's offloaded checkpointing, the others against unsloth without checkpointing."""
+    """A QLoRA fit against unsloth measured in the same run: speed and peak memory ratios, the recipes that
+    recompute layers (lean, offload) against unsloth's offloaded checkpointing, the others against unsloth
+    without checkpointing."""
     if not (name.startswith("fit:") and "qlora" in name) or "tokens_per_s" not in result:
         return ""
-    peer_name = "unsloth:checkpointing" if "lean" in name else "unsloth"
+    peer_name = "unsloth:checkpointing" if "lean" in name or "offload" in name else "unsloth"
     peer = results.get(peer_name, {})
     if "tokens_per_s" not in peer:
         return ""

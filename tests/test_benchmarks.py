@@ -104,15 +104,18 @@ def test_repeats_run_every_workload_in_each_round_on_a_cpu(tmp_path, book_path):
 
 def test_qlora_recipes_are_set_beside_unsloth_measured_in_the_same_run():
     fast, lean = "fit:configs/finetune/qlora-fast.yaml", "fit:configs/finetune/qlora-lean.yaml"
+    offload = "fit:configs/finetune/qlora-offload.yaml"
     results = {
         "unsloth": {"tokens_per_s": 10_000.0, "peak_allocated_gib": 20.0},
         "unsloth:checkpointing": {"tokens_per_s": 8_000.0, "peak_allocated_gib": 5.0},
         fast: {"tokens_per_s": 15_000.0, "peak_allocated_gib": 22.0},
         lean: {"tokens_per_s": 10_400.0, "peak_allocated_gib": 5.5},
+        offload: {"tokens_per_s": 8_800.0, "peak_allocated_gib": 4.5},
     }
     rows = {line.split(" |")[0][2:]: line for line in bench.summary_table(results).splitlines()[2:]}
     assert "x1.50 unsloth at x1.10 its memory" in rows[fast]
     assert "x1.30 unsloth:checkpointing at x1.10 its memory" in rows[lean]
+    assert "x1.10 unsloth:checkpointing at x0.90 its memory" in rows[offload]
     assert bench.peer_note(fast, results[fast], {}) == ""  # no peer in the run: nothing claimed
 
 

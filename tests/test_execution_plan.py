@@ -98,6 +98,10 @@ RECIPES = {
         GPU: ("off", "fused", "layers", False, "every-layer", "bfloat16"),
         DDP: ("off", "fused", "layers", False, "every-layer", "bfloat16"),
     },
+    ("finetune/qlora-offload.yaml",): {  # the CPU recomputes with inputs kept in place (nothing to offload to)
+        CPU: ("off", "logits", "off", False, "offload", "float32"),
+        GPU: ("off", "fused", "layers", False, "offload", "bfloat16"),
+    },
     ("finetune/lora-bf16-fast.yaml",): {
         CPU: ("off", "logits", "off", False, "off", "float32"),
         GPU: ("off", "fused", "layers-cudagraphs", True, "off", "bfloat16"),

@@ -92,10 +92,17 @@ def _fit_tiny_on_gpu(accumulate: int = 1, **spec) -> tuple[list[float], float]:
     return losses, float(trainer.callback_metrics["val/ppl"])
 
 
-@pytest.mark.parametrize("compiled", ["layers", "layers-cudagraphs"])
-def test_the_fast_qlora_path_computes_the_plain_paths_losses_on_gpu(compiled, book_path):
+FAST_PATHS = {  # qlora-fast's, qlora-lean's and qlora-offload's ways through the same steps
+    "layers": {"compile": "layers"},
+    "layers-cudagraphs": {"compile": "layers-cudagraphs"},
+    "offload": {"compile": "layers", "activation_checkpointing": "offload", "keep_last_layers": 0},
+}
+
+
+@pytest.mark.parametrize("path", list(FAST_PATHS))
+def test_the_fast_qlora_path_computes_the_plain_paths_losses_on_gpu(path, book_path):
     plain, plain_ppl = _fit_tiny_on_gpu(kernels="off", loss="logits", compile="off")
-    fast, fast_ppl = _fit_tiny_on_gpu(kernels="auto", loss="auto", compile=compiled)
+    fast, fast_ppl = _fit_tiny_on_gpu(kernels="auto", loss="auto", **FAST_PATHS[path])
     assert len(plain) == len(fast) == 20
     for step, (a, b) in enumerate(zip(plain, fast, strict=True), start=1):
         assert b == pytest.approx(a, rel=1e-2), step

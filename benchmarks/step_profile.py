@@ -25,11 +25,13 @@ from foundation import atomic_write_json, synchronize
 # name fragments (lower case) of each bucket, tried in this order; the first that matches takes the kernel
 BUCKETS = [
     ("nf4 dequantize", ("dequantize",)),
-    ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "attn", "cudnn::fusion")),  # cuDNN's SDPA and its helpers
     ("loss", ("cross_entropy", "crossentropy", "liger_ce", "log_softmax", "nll_loss")),
     ("optimizer", ("adam", "multi_tensor_apply", "foreach", "fused_adam")),
     ("matrix products", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "triton_tem", "_mm_", "matmul")),
-    ("copies", ("memcpy", "memset", "copy", "cat_", "catarraybatched")),
+    # copies by name: an inductor kernel whose fused ops include a dtype cast ("_to_copy") is a norm or
+    # elementwise kernel, not a copy
+    ("copies", ("memcpy", "memset", "copy_kernel", "cat_", "catarraybatched")),
     (
         "elementwise and norms",
         ("triton_poi", "triton_red", "triton_per", "elementwise", "reduce", "norm", "rms", "rope", "swiglu", "silu"),

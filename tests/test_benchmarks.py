@@ -261,6 +261,14 @@ def test_the_step_profile_puts_each_kernel_in_one_bucket_and_counts_idle_time_on
     gap = result["longest_gaps"][0]  # 650 -> 700 us, between the elementwise kernel and attention
     assert gap["ms"] == 0.05 and gap["after"] == "triton_poi_fused_add_mul_0" and gap["before"] == "flash_fwd_kernel"
     assert len(result["longest_gaps"]) == 1  # the GEMM's overlap is no gap
+    # names seen in an H100 trace: inductor's norm with a cast, cuDNN's attention helpers, a cast kernel
+    assert step_profile.bucket_of("triton_red_fused__to_copy__unsafe_view_add_mean_mul_pow_rsqrt_6") == (
+        "elementwise and norms"
+    )
+    assert step_profile.bucket_of("void cudnn::fusion::compute_dot_do_o_specialized<true, 128>") == "attention"
+    assert step_profile.bucket_of("void at::native::vectorized_elementwise_kernel<4, direct_copy_kernel_cuda>") == (
+        "copies"
+    )
 
 
 def test_the_headline_of_benchmarks_md_is_the_one_its_json_makes():

@@ -10,7 +10,8 @@ is meant for. Writes a JSON of every step (after each one, so an interrupted mat
 - the study on two variants; the README's commands that need a GPU.
 
 The functional pass uses a 4-layer Mistral-7B shape (``--layers``): each layer's kernels and shapes are the
-full model's. Steps run ``--parallel`` at a time on the one GPU: their tokens/s then share it, so read them as
+full model's; a recipe that keeps its last layers' activations gets two layers more than it keeps. Steps run
+``--parallel`` at a time on the one GPU: their tokens/s then share it, so read them as
 "it runs", not as speed figures (BENCHMARKS.md has those); peak memory is each process's own.
 
     python benchmarks/recipe_matrix.py --out matrix.json --report docs/benchmarks/recipe-matrix.md
@@ -70,9 +71,31 @@ def shape(layers: int) -> str:
     return f"--model.preset_overrides '{{num_hidden_layers: {layers}}}'" if layers else ""
 
 
+def kept_layers(config: Path) -> int:
+    """``model.keep_last_layers`` of a config file, its ``extends`` followed (later files win)."""
+    import yaml
+
+    from smarter.config_files import expand_config_file
+
+    kept = 0
+    arguments = expand_config_file(config)
+    for value in arguments[1::2]:
+        content = yaml.safe_load(Path(value).read_text() if Path(value).suffix == ".yaml" else value) or {}
+        kept = (content.get("model") or {}).get("keep_last_layers", kept)
+    return kept
+
+
+def recipe_layers(recipe: str, layers: int) -> int:
+    """The matrix's shape for a recipe: ``layers``, or two more than the recipe keeps unrecomputed
+    (qlora-lean keeps its last 4), so that its checkpointing runs."""
+    kept = kept_layers(REPO / "configs" / "finetune" / f"{recipe}.yaml")
+    return max(layers, kept + 2) if layers else layers
+
+
 def recipe_steps(recipe: str, layers: int, data: str = "", on: str = "") -> list[Step]:
     """A recipe's chain; with ``data`` (config arguments), on that data, its runs named after ``on``."""
     config = f"finetune/{recipe}" + (f" on {on}" if on else "")
+    layers = recipe_layers(recipe, layers)
     fit = f"smarter fit -c configs/finetune/{recipe}.yaml {THROUGHPUT} {data} {shape(layers)}".replace("  ", " ")
     runs = f"runs/{recipe}"
     version = f"matrix-{on}" if on else "matrix"

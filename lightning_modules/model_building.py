@@ -523,6 +523,14 @@ def load_causal_lm(spec: ModelSpec, device: torch.device | str = "cpu", plan: Ex
         disable_bnb_cpu_weight_repacking(model)
     if plan.kernels == "liger":
         apply_liger_kernels(model)
+    layers = model.config.num_hidden_layers
+    if plan.activation_checkpointing != "off" and spec.keep_last_layers >= layers:
+        # a valid run (a recipe shrunk by model.preset_overrides, say), but not the memory the user asked for
+        notify(
+            f"model.keep_last_layers={spec.keep_last_layers} keeps every one of the model's {layers} decoder "
+            f"layers, so model.activation_checkpointing={plan.activation_checkpointing} changes nothing; set "
+            f"model.keep_last_layers below {layers} for it to take effect."
+        )
     apply_activation_checkpointing(model, plan.activation_checkpointing, spec.checkpoint_every, spec.keep_last_layers)
     adapter = spec.adapter
     if adapter is not None:

@@ -30,7 +30,8 @@ _TYPE_WORDS = {"bool": "true or false", "int": "a whole number", "float": "a num
 def condense_parser_error(message: str) -> str:
     """jsonargparse's nested error text as one line: the dotted key and the innermost reason. Where a union
     (a class path or a plain string, say) names a class that was found, that class's own error is the reason,
-    not the other alternatives' ("Expected a <class 'str'>")."""
+    not the other alternatives' ("Expected a <class 'str'>"). A setting given under a one-value key
+    (``--model.x.y``) is pointed to its place beside it (``--model.y``)."""
     lines = message.splitlines()
     found = next((i for i, line in enumerate(lines) if "Problem with given class_path" in line), None)
     if found is not None:
@@ -52,6 +53,10 @@ def condense_parser_error(message: str) -> str:
             continue
         detail = line
         break
+    dotted = ".".join(k for k in keys if k != "init_args")
+    nested = re.search(r"Got value: NestedArg\(key='([^']+)', val=(.*)\)$", detail)
+    if nested and dotted:
+        return _nested_under_a_value(dotted, nested.group(1), nested.group(2), detail)
     literal = re.match(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", detail)
     if literal:
         detail = f"{literal.group(2)!r} is not one of {literal.group(1)}"
@@ -63,9 +68,19 @@ def condense_parser_error(message: str) -> str:
     simple = re.match(r"Expected a <class '(\w+)'>\. Got value: (.*)", detail)
     if simple and simple.group(1) in _TYPE_WORDS:
         detail = f"expected {_TYPE_WORDS[simple.group(1)]}, got {simple.group(2)!r}"
-    dotted = ".".join(k for k in keys if k != "init_args")
     text = f"{dotted}: {detail}" if dotted and detail else (detail or message.strip().splitlines()[0])
     return " ".join(text.split())
+
+
+def _nested_under_a_value(dotted: str, key: str, value: str, detail: str) -> str:
+    """``--model.activation_checkpointing.keep_last_layers 0``: the key takes one value, not settings; the
+    setting is most likely meant beside it (the subcommand's parser cannot tell: a class's arguments are
+    known only once its class path is)."""
+    literal = re.match(r"Expected a typing\.Literal\[(.*)\]", detail)
+    takes = f"one of {literal.group(1)}" if literal else "one value"
+    text = f"{dotted} takes {takes}; it has no setting {key!r}"
+    beside = f"{dotted.rpartition('.')[0]}.{key}".lstrip(".")
+    return f"{text} (did you mean --{beside} {value.strip(chr(39))}?)"
 
 
 def explain_class_path(message: str) -> str:

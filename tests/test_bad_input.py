@@ -66,6 +66,11 @@ CASES = [
         "cannot recompute checkpointed layers",
     ),
     Case("keep -1 layers' activations", [*FIT, "--model.keep_last_layers", "-1"], "keep_last_layers must be >= 0"),
+    Case(
+        "a setting under a one-value key",
+        [*FIT, "--model.activation_checkpointing.keep_last_layers", "1"],
+        "it has no setting 'keep_last_layers' (did you mean --model.keep_last_layers 1?)",
+    ),
     Case("LoRA compute in fp8", [*FIT, "--model.lora.r", "4", "--model.lora.compute", "fp8"], "lora.compute"),
     Case("an unknown LoRA target", [*FIT, "--model.lora.target_modules", "[qkv]"], "['qkv'] match no linear layer"),
     Case("no LoRA target", [*FIT, "--model.lora.target_modules", "[]"], "target_modules is empty"),

@@ -301,3 +301,26 @@ def test_a_headline_row_takes_only_runs_of_its_own_shape():
     assert any("32k-token" in line and "| 7 tok/s" in line for line in rows)
     assert any("(offloaded checkpointing), vs unsloth's | 5 tok/s" in line for line in rows)
     assert not any("32k-token" not in line and "| 7 tok/s" in line for line in rows)
+
+
+def test_every_recipe_in_the_gpu_matrix_recomputes_at_least_one_layer_when_it_checkpoints():
+    """qlora-lean keeps its last 4 layers' activations: at the matrix's 4 layers it would recompute none."""
+    import re
+
+    import yaml
+
+    import recipe_matrix
+    from smarter.config_files import expand_config_file
+
+    fits = [step for step in recipe_matrix.plan_steps() if step.stage == "fit"]
+    assert {step.config for step in fits} >= {"finetune/qlora-lean", "finetune/qlora-offload"}
+    for step in fits:
+        config = re.search(r"-c (configs/finetune/\S+\.yaml)", step.command).group(1)
+        model: dict = {}
+        for value in expand_config_file(REPO_ROOT / config)[1::2]:
+            text = Path(value).read_text() if value.endswith(".yaml") else value
+            model |= (yaml.safe_load(text) or {}).get("model") or {}
+        if model.get("activation_checkpointing", "off") == "off":
+            continue
+        layers = int(re.search(r"num_hidden_layers: (\d+)", step.command).group(1))
+        assert layers > model.get("keep_last_layers", 0), step.name

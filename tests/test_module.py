@@ -312,6 +312,19 @@ def test_which_layers_recompute_their_activations(mode, every, keep_last, expect
     assert [bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers] == expected
 
 
+def test_keeping_every_layer_while_checkpointing_is_told_to_the_user(capsys):
+    """A recipe shrunk below its ``keep_last_layers`` (qlora-lean keeps 4) recomputes nothing: a note says so."""
+    from lightning_modules.fast_paths import decoder_layers
+
+    module = MistralModule(source="tiny", dtype="float32", activation_checkpointing="every-layer", keep_last_layers=2)
+    module.configure_model()
+    assert not any(getattr(layer, "gradient_checkpointing", False) for layer in decoder_layers(module.model))
+    assert "model.keep_last_layers=2 keeps every one of the model's 2 decoder layers" in capsys.readouterr().err
+    module = MistralModule(source="tiny", dtype="float32", activation_checkpointing="every-layer", keep_last_layers=1)
+    module.configure_model()
+    assert "keeps every one" not in capsys.readouterr().err
+
+
 def test_cuda_graphed_layers_replay_graphs_only_in_passes_that_build_gradients(monkeypatch):
     """Graph trees reuse a graph's output memory at its next replay: without gradients that is the next
     layer's call, so evaluation must run the compiled layers without graphs (checked on a GPU in

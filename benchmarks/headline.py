@@ -33,6 +33,10 @@ LONG_CONTEXT = (
     QLORA_OFFLOAD,
     "fit:configs/finetune/qlora-lean.yaml --model.activation_checkpointing offload --model.keep_last_layers 0",
 )
+# at long rows, positions computed a second: the workloads time different rows, and the book's tail row is
+# mostly padding at 16k and 32k tokens (every workload computes it at full length); see comparable_rates in
+# speed_side_by_side.py. A run without both figures (unsloth's before 1ce30b4) gives no such row.
+POSITIONS = "input_tokens_per_s"
 DECODE_NF4 = "decode:configs/variants/nf4-sdpa.yaml --model.kernels off"
 DECODE_BF16 = "decode:configs/variants/bf16-sdpa.yaml --model.kernels off"
 # FLOPs of a trained 7B token with LoRA (forward, backward through the frozen weights; recomputation not
@@ -70,14 +74,18 @@ ROWS = [
     Row("QLoRA 7B, the default recipe, vs plain transformers + peft", "fit:configs/finetune/qlora.yaml", "plain-qlora"),
     Row("bf16 LoRA 7B, fastest recipe, vs plain transformers + peft", "fit:configs/finetune/lora-bf16-fast.yaml",
         "plain-lora-bf16"),
+    Row("QLoRA 7B at 4k-token sequences (batch 1), least-memory recipe, vs unsloth's", LONG_CONTEXT,
+        "unsloth:checkpointing", POSITIONS, shape=(1, 4096)),
+    Row("QLoRA 7B at 4k-token sequences, least-memory recipe: peak memory vs unsloth's offloaded checkpointing",
+        LONG_CONTEXT, "unsloth:checkpointing", "peak_allocated_gib", shape=(1, 4096)),
     Row("QLoRA 7B at 16k-token sequences (batch 1), least-memory recipe, vs unsloth's", LONG_CONTEXT,
-        "unsloth:checkpointing", shape=(1, 16384)),
-    Row("... its peak memory vs unsloth's offloaded checkpointing", LONG_CONTEXT, "unsloth:checkpointing",
-        "peak_allocated_gib", shape=(1, 16384)),
+        "unsloth:checkpointing", POSITIONS, shape=(1, 16384)),
+    Row("QLoRA 7B at 16k-token sequences, least-memory recipe: peak memory vs unsloth's offloaded checkpointing",
+        LONG_CONTEXT, "unsloth:checkpointing", "peak_allocated_gib", shape=(1, 16384)),
     Row("QLoRA 7B at 32k-token sequences (batch 1), least-memory recipe, vs unsloth's", LONG_CONTEXT,
-        "unsloth:checkpointing", shape=(1, 32768)),
-    Row("... its peak memory vs unsloth's offloaded checkpointing", LONG_CONTEXT, "unsloth:checkpointing",
-        "peak_allocated_gib", shape=(1, 32768)),
+        "unsloth:checkpointing", POSITIONS, shape=(1, 32768)),
+    Row("QLoRA 7B at 32k-token sequences, least-memory recipe: peak memory vs unsloth's offloaded checkpointing",
+        LONG_CONTEXT, "unsloth:checkpointing", "peak_allocated_gib", shape=(1, 32768)),
     Row("Batch-1 greedy decode, nf4 7B (median prompt), vs transformers' generate", DECODE_NF4, DECODE_NF4,
         "generate_tokens_per_s", baseline_metric="hf_generate_tokens_per_s"),
     Row("Batch-1 greedy decode, bf16 7B (median prompt), vs transformers' generate", DECODE_BF16, DECODE_BF16,

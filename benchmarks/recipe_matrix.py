@@ -71,24 +71,23 @@ def shape(layers: int) -> str:
     return f"--model.preset_overrides '{{num_hidden_layers: {layers}}}'" if layers else ""
 
 
-def kept_layers(config: Path) -> int:
-    """``model.keep_last_layers`` of a config file, its ``extends`` followed (later files win)."""
+def model_settings(config: Path) -> dict:
+    """The ``model`` section of a config file, its ``extends`` followed (later files win)."""
     import yaml
 
     from smarter.config_files import expand_config_file
 
-    kept = 0
-    arguments = expand_config_file(config)
-    for value in arguments[1::2]:
-        content = yaml.safe_load(Path(value).read_text() if Path(value).suffix == ".yaml" else value) or {}
-        kept = (content.get("model") or {}).get("keep_last_layers", kept)
-    return kept
+    model: dict = {}
+    for value in expand_config_file(config)[1::2]:  # ["-c", a file or YAML text, ...]
+        text = Path(value).read_text() if value.endswith(".yaml") else value
+        model |= (yaml.safe_load(text) or {}).get("model") or {}
+    return model
 
 
 def recipe_layers(recipe: str, layers: int) -> int:
     """The matrix's shape for a recipe: ``layers``, or two more than the recipe keeps unrecomputed
     (qlora-lean keeps its last 4), so that its checkpointing runs."""
-    kept = kept_layers(REPO / "configs" / "finetune" / f"{recipe}.yaml")
+    kept = model_settings(REPO / "configs" / "finetune" / f"{recipe}.yaml").get("keep_last_layers", 0)
     return max(layers, kept + 2) if layers else layers
 
 

@@ -563,10 +563,10 @@ def summary_table(results: dict[str, dict]) -> str:
         if base.get("tokens_per_s"):
             ours, plain = comparable_rates(result, base)
             versus = f"x{ours / plain:.2f}"
-        no_dropout = baselines.get("qlora-no-dropout", {})
-        if base.get("tokens_per_s") and family == "qlora" and no_dropout.get("tokens_per_s"):
-            ours, plain = comparable_rates(result, no_dropout)
-            versus += f" (x{ours / plain:.2f} of plain without dropout)"
+            no_dropout = baselines.get("qlora-no-dropout", {})
+            if family == "qlora" and no_dropout.get("tokens_per_s"):
+                ours, plain = comparable_rates(result, no_dropout)
+                versus += f" (x{ours / plain:.2f} of plain without dropout)"
         versus += peer_note(name, result, results)
         wall = result.get("wall_tokens_per_s")
         one_gpu = results.get(one_gpu_workload(name), {})

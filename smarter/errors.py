@@ -80,7 +80,8 @@ def _nested_under_a_value(dotted: str, key: str, value: str, detail: str) -> str
     takes = f"one of {literal.group(1)}" if literal else "one value"
     text = f"{dotted} takes {takes}; it has no setting {key!r}"
     beside = f"{dotted.rpartition('.')[0]}.{key}".lstrip(".")
-    return f"{text} (did you mean --{beside} {value.strip(chr(39))}?)"
+    given = value.strip("'")  # jsonargparse quotes the value: NestedArg(key='k', val='1')
+    return f"{text} (did you mean --{beside} {given}?)"
 
 
 def explain_class_path(message: str) -> str:

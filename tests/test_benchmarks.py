@@ -307,19 +307,13 @@ def test_every_recipe_in_the_gpu_matrix_recomputes_at_least_one_layer_when_it_ch
     """qlora-lean keeps its last 4 layers' activations: at the matrix's 4 layers it would recompute none."""
     import re
 
-    import yaml
-
     import recipe_matrix
-    from smarter.config_files import expand_config_file
 
     fits = [step for step in recipe_matrix.plan_steps() if step.stage == "fit"]
     assert {step.config for step in fits} >= {"finetune/qlora-lean", "finetune/qlora-offload"}
     for step in fits:
         config = re.search(r"-c (configs/finetune/\S+\.yaml)", step.command).group(1)
-        model: dict = {}
-        for value in expand_config_file(REPO_ROOT / config)[1::2]:
-            text = Path(value).read_text() if value.endswith(".yaml") else value
-            model |= (yaml.safe_load(text) or {}).get("model") or {}
+        model = recipe_matrix.model_settings(REPO_ROOT / config)
         if model.get("activation_checkpointing", "off") == "off":
             continue
         layers = int(re.search(r"num_hidden_layers: (\d+)", step.command).group(1))
